@@ -1,0 +1,8 @@
+"""select2think: small language models that select like large ones (Select to Think)."""
+
+from .decoding import DecodeConfig, GenerateResult, generate
+from .errors import S2TError
+from .models import ModelPair, load_pair
+
+__version__ = "0.1.0"
+__all__ = ["DecodeConfig", "GenerateResult", "ModelPair", "S2TError", "generate", "load_pair"]

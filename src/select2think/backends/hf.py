@@ -1,0 +1,72 @@
+"""A transformers causal LM behind a batched, rollback-able KV cache.
+
+The cache has B rows of T slots. `slot_mask[b, t]` says whether slot t of row b holds a live token:
+left padding, finished rows and rolled-back draft tokens are dead slots that no query attends to.
+Positions are counted over live slots only, so a row's tokens see exactly what they would see alone.
+Rolling back marks slots dead (and physically crops slots that are dead in every row).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class HFBackend:
+    def __init__(self, model, vocab_size: int, banned_ids: tuple[int, ...] = ()):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.banned = torch.tensor(banned_ids, dtype=torch.long) if banned_ids else None
+        self.device = next(model.parameters()).device
+        self.forwards = 0  # model calls
+        self.tokens = 0  # live tokens processed
+        self.reset(0)
+
+    def reset(self, batch_size: int) -> None:
+        self.cache = DynamicCache(config=self.model.config)
+        self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_mask.shape[1]
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Append tokens [B, k] (dead where `live` is False); return float32 logits [B, k, vocab].
+
+        Logits are cut to the tokenizer's vocabulary and banned ids set to -inf.
+        """
+        tokens = tokens.to(self.device)
+        live = live.to(self.device)
+        positions = (self.lengths[:, None] + live.long().cumsum(1) - 1).clamp(min=0)
+        attention = torch.cat([self.slot_mask, live], dim=1)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=attention.long(),
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.slot_mask = attention
+        self.lengths = self.lengths + live.long().sum(1)
+        self.forwards += 1
+        self.tokens += int(live.sum())
+        logits = out.logits[..., : self.vocab_size].float()
+        if self.banned is not None:
+            logits[..., self.banned.to(logits.device)] = float("-inf")
+        return logits
+
+    def kill_slots(self, row: int, start_slot: int) -> None:
+        """Roll row back: every slot from `start_slot` on becomes dead."""
+        killed = int(self.slot_mask[row, start_slot:].sum())
+        self.slot_mask[row, start_slot:] = False
+        self.lengths[row] -= killed
+
+    def compact_tail(self) -> None:
+        """Physically drop trailing slots that are dead in every row."""
+        alive = self.slot_mask.any(0).nonzero()
+        keep = int(alive.max()) + 1 if alive.numel() else 0
+        if keep < self.num_slots:
+            self.cache.crop(keep - self.num_slots)  # negative: number of slots to drop
+            self.slot_mask = self.slot_mask[:, :keep]

@@ -1,0 +1,50 @@
+"""Decoding configuration: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import S2TError
+
+POLICIES = ("greedy", "sample", "llm", "takeover", "s2t")
+DEFAULT_TRIGGER = {"greedy": "never", "sample": "never", "llm": "never", "takeover": "kl", "s2t": "kl"}
+
+
+@dataclass
+class DecodeConfig:
+    policy: str = "greedy"
+    k: int = 8  # S2T candidates: the SLM's top-K
+    trigger: str | None = None  # default per policy (kl for takeover/s2t)
+    threshold: float | None = None  # trigger fires when statistic > threshold
+    warmup: int = 3  # the first `warmup` generated tokens never trigger
+    reverse_kl: bool = False
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    fast: bool = True  # fast paths; False runs the reference step-by-step loop
+    draft_len: int = 16  # draft-and-verify block length
+    chat_template: bool = True
+    extra_eos: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise S2TError(f"unknown policy {self.policy!r}: use one of {', '.join(POLICIES)}")
+        if self.trigger is None:
+            self.trigger = DEFAULT_TRIGGER[self.policy]
+        if not 1 <= self.k <= 64:
+            raise S2TError(f"k must be between 1 and 64, got {self.k}")
+        if self.max_new_tokens < 1:
+            raise S2TError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.warmup < 0:
+            raise S2TError(f"warmup must be >= 0, got {self.warmup}")
+        if not 1 <= self.draft_len <= 256:
+            raise S2TError(f"draft_len must be between 1 and 256, got {self.draft_len}")
+        if self.policy in ("takeover", "s2t") and self.trigger not in ("never", "always") and self.threshold is None:
+            raise S2TError(f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold")
+        self.stop = tuple(self.stop)
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.policy in ("llm", "takeover", "s2t")

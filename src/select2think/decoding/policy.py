@@ -1,0 +1,57 @@
+"""A policy = trigger + selector for triggered steps + base chooser for the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import DecodeConfig
+from .selectors import LLMArgmax, LLMRestrictedArgmax, Sampler, Selector, SLMTop1
+from .triggers import Trigger, make_trigger
+
+
+@dataclass
+class Policy:
+    trigger: Trigger
+    selector: Selector  # used where the trigger fires
+    base: Selector  # used everywhere else
+    threshold: float
+    warmup: int
+    k: int
+
+    @classmethod
+    def from_config(cls, cfg: DecodeConfig) -> "Policy":
+        base = Sampler(cfg.temperature, cfg.top_p, cfg.seed) if cfg.policy == "sample" else SLMTop1()
+        selector = {"s2t": LLMRestrictedArgmax(cfg.k), "takeover": LLMArgmax()}.get(cfg.policy, base)
+        trigger = make_trigger(cfg.trigger, cfg.reverse_kl, cfg.seed)
+        if cfg.policy in ("greedy", "sample", "llm"):
+            trigger = make_trigger("never")
+        threshold = cfg.threshold if cfg.threshold is not None else 0.0
+        return cls(trigger, selector, base, threshold, cfg.warmup, cfg.k)
+
+    @property
+    def needs_llm_every_step(self) -> bool:
+        return self.trigger.needs_llm
+
+    @property
+    def needs_llm(self) -> bool:
+        return self.trigger.needs_llm or self.selector.needs_llm
+
+    def fire(self, slm_logp, llm_logp, steps: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fired [N] bool, statistic [N]) for rows at generation steps `steps` [N]."""
+        stat = self.trigger.statistic(slm_logp, llm_logp, keys)
+        return (stat > self.threshold) & (steps >= self.warmup), stat
+
+    def choose(self, slm_logp, llm_logp, fired: torch.Tensor, keys) -> torch.Tensor:
+        tokens = self.base.select(slm_logp, None, keys)
+        if fired.any() and self.selector is not self.base:
+            idx = fired.nonzero().squeeze(-1)
+            tokens = tokens.clone()
+            tokens[idx] = self.selector.select(slm_logp[idx], llm_logp[idx], [keys[i] for i in idx.tolist()])
+        return tokens
+
+    def hits(self, slm_logp, llm_logp) -> torch.Tensor:
+        """Whether the LLM's full argmax is in the SLM's top-K, per row."""
+        top = slm_logp.topk(self.k, dim=-1).indices
+        return (top == llm_logp.argmax(-1, keepdim=True)).any(-1)

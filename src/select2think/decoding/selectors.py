@@ -1,0 +1,75 @@
+"""Selectors choose the token to emit at a step. Shapes: log-probs [N, V]; result ids [N]."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import S2TError
+
+
+class Selector:
+    name = "base"
+    needs_llm = False
+
+    def select(self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SLMTop1(Selector):
+    name = "slm-top1"
+
+    def select(self, slm_logp, llm_logp=None, keys=None):
+        return slm_logp.argmax(-1)
+
+
+class LLMRestrictedArgmax(Selector):
+    """S2T: the LLM's argmax over the SLM's top-K ids; ties go to the higher SLM rank."""
+
+    name = "s2t"
+    needs_llm = True
+
+    def __init__(self, k: int = 8):
+        self.k = k
+
+    def select(self, slm_logp, llm_logp=None, keys=None):
+        cand = slm_logp.topk(self.k, dim=-1).indices  # [N, K] in SLM rank order
+        best = llm_logp.gather(-1, cand).argmax(-1)  # first maximum = higher SLM rank
+        return cand.gather(-1, best[:, None]).squeeze(-1)
+
+
+class LLMArgmax(Selector):
+    """Takeover: the LLM's full-vocabulary argmax."""
+
+    name = "takeover"
+    needs_llm = True
+
+    def select(self, slm_logp, llm_logp=None, keys=None):
+        return llm_logp.argmax(-1)
+
+
+class Sampler(Selector):
+    """Temperature / top-p sampling, seeded per (row key, step) so every execution path agrees."""
+
+    name = "sample"
+
+    def __init__(self, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0):
+        if temperature <= 0:
+            raise S2TError(f"temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise S2TError(f"top_p must be in (0, 1], got {top_p}")
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+
+    def select(self, slm_logp, llm_logp=None, keys=None):
+        probs = (slm_logp / self.temperature).softmax(-1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        out = []
+        for row, key in enumerate(keys):
+            digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
+            gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+            choice = torch.multinomial(sorted_p[row].cpu(), 1, generator=gen)
+            out.append(order[row, choice.to(order.device)])
+        return torch.cat(out)

@@ -1,0 +1,132 @@
+"""Per-row bookkeeping shared by the reference loop and the fast paths: committing tokens,
+stopping rules and the statistics every generation reports."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Generation:
+    """One prompt's output and its per-row counters."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # eos | stop | length
+    triggers: int = 0
+    flips: int = 0  # emitted token != SLM top-1
+    hits: int = 0  # LLM full argmax inside SLM top-K, at triggered steps
+    hit_checked: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecodeStats:
+    """Whole-call counters. Forwards count model calls (one call serves the whole batch)."""
+
+    slm_forwards: int = 0
+    llm_forwards: int = 0
+    slm_tokens: int = 0
+    llm_tokens: int = 0  # live tokens the LLM processed, prompts included
+    generated_tokens: int = 0
+    triggers: int = 0
+    flips: int = 0
+    hits: int = 0
+    hit_checked: int = 0
+    wall_time_s: float = 0.0
+
+    @property
+    def trigger_rate(self) -> float:
+        return self.triggers / max(self.generated_tokens, 1)
+
+    @property
+    def flip_rate(self) -> float:
+        return self.flips / max(self.generated_tokens, 1)
+
+    @property
+    def hit_at_k(self) -> float | None:
+        return self.hits / self.hit_checked if self.hit_checked else None
+
+    @property
+    def llm_forwards_per_token(self) -> float:
+        return self.llm_forwards / max(self.generated_tokens, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(trigger_rate=self.trigger_rate, flip_rate=self.flip_rate, hit_at_k=self.hit_at_k,
+                 llm_forwards_per_token=self.llm_forwards_per_token)
+        return d
+
+
+class RowState:
+    """Commits tokens for one row and decides when it is finished."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...], max_new_tokens: int):
+        self.gen = Generation()
+        self.tokenizer, self.eos_ids, self.stop, self.max_new = tokenizer, eos_ids, stop, max_new_tokens
+        self.done = False
+
+    @property
+    def step(self) -> int:
+        return len(self.gen.token_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - self.step
+
+    def commit(self, token: int, fired: bool, flipped: bool, hit: bool | None) -> bool:
+        """Append one token; return True if the row is now finished."""
+        g = self.gen
+        g.token_ids.append(token)
+        g.triggers += int(fired)
+        g.flips += int(flipped)
+        if hit is not None:
+            g.hits += int(hit)
+            g.hit_checked += 1
+        if token in self.eos_ids:
+            self.done, g.finish_reason = True, "eos"
+        elif self.stop and any(s in self._text() for s in self.stop):
+            self.done, g.finish_reason = True, "stop"
+        elif self.step >= self.max_new:
+            self.done, g.finish_reason = True, "length"
+        return self.done
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.gen.token_ids[-64:], skip_special_tokens=True)
+
+    def finish(self) -> Generation:
+        ids = [t for t in self.gen.token_ids if t not in self.eos_ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.gen.finish_reason == "stop":
+            cut = min(text.find(s) for s in self.stop if s in text) if any(s in text for s in self.stop) else len(text)
+            text = text[:cut]
+        self.gen.text = text
+        return self.gen
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] and live mask [B, T], left padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    live = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        live[i, width - len(p):] = True
+    return ids, live
+
+
+def totals(rows: list[RowState], stats: DecodeStats, t0: float) -> DecodeStats:
+    for r in rows:
+        g = r.gen
+        stats.generated_tokens += len(g.token_ids)
+        stats.triggers += g.triggers
+        stats.flips += g.flips
+        stats.hits += g.hits
+        stats.hit_checked += g.hit_checked
+    stats.wall_time_s = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,121 @@
+"""Triggers decide which decoding steps are examined. Each maps log-probs to one statistic per row;
+a step fires when the statistic exceeds a calibrated threshold.
+
+Shapes: `slm_logp` and `llm_logp` are [N, V] log-probabilities (V = tokenizer size); the result is [N].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from ..errors import S2TError
+
+TOP_SUPPORT = 64  # KL, entropy are computed on the SLM's top-64 ids, renormalised
+
+
+class Trigger:
+    name = "base"
+    needs_llm = False
+
+    def statistic(self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NeverTrigger(Trigger):
+    name = "never"
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None):
+        return torch.full(slm_logp.shape[:1], -math.inf, device=slm_logp.device)
+
+
+class AlwaysTrigger(Trigger):
+    name = "always"
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None):
+        return torch.full(slm_logp.shape[:1], math.inf, device=slm_logp.device)
+
+
+def _top_support(slm_logp: torch.Tensor, k: int = TOP_SUPPORT):
+    top_logp, top_ids = slm_logp.topk(min(k, slm_logp.shape[-1]), dim=-1)
+    return top_logp.log_softmax(-1), top_ids
+
+
+class KLTrigger(Trigger):
+    """KL(p_S || p_L) on the SLM's top-64 ids, both renormalised there; ids with p_L <= 1e-12 dropped.
+
+    `reverse=True` gives KL(p_L || p_S) on the same support.
+    """
+
+    name = "kl"
+    needs_llm = True
+
+    def __init__(self, reverse: bool = False):
+        self.reverse = reverse
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None):
+        if llm_logp is None:
+            raise S2TError("the kl trigger needs the LLM's distribution")
+        _, ids = _top_support(slm_logp)
+        s = slm_logp.gather(-1, ids)
+        l = llm_logp.gather(-1, ids)
+        keep = l.exp() > 1e-12
+        s = torch.where(keep, s, -math.inf).log_softmax(-1)
+        l = torch.where(keep, l, -math.inf).log_softmax(-1)
+        p, logp, logq = (l.exp(), l, s) if self.reverse else (s.exp(), s, l)
+        terms = torch.where(keep, p * (logp - logq), torch.zeros_like(p))
+        return terms.sum(-1)
+
+
+class EntropyTrigger(Trigger):
+    """Entropy of the SLM's renormalised top-64 distribution."""
+
+    name = "entropy"
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None):
+        logp, _ = _top_support(slm_logp)
+        return -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+
+
+class MarginTrigger(Trigger):
+    """Small top-1/top-2 probability margins are uncertain steps: the statistic is 1 - margin."""
+
+    name = "margin"
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None):
+        top2 = slm_logp.topk(2, dim=-1).values.exp()
+        return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
+class RandomTrigger(Trigger):
+    """A seeded uniform draw per (row key, step): identical in every execution path."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None):
+        if keys is None:
+            raise S2TError("the random trigger needs per-row keys")
+        vals = []
+        for key in keys:
+            digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
+            vals.append(int.from_bytes(digest, "little") / 2**64)
+        return torch.tensor(vals, device=slm_logp.device)
+
+
+TRIGGERS = {"never": NeverTrigger, "always": AlwaysTrigger, "kl": KLTrigger, "entropy": EntropyTrigger,
+            "margin": MarginTrigger, "random": RandomTrigger}
+
+
+def make_trigger(name: str, reverse_kl: bool = False, seed: int = 0) -> Trigger:
+    if name not in TRIGGERS:
+        raise S2TError(f"unknown trigger {name!r}: use one of {', '.join(TRIGGERS)}")
+    if name == "kl":
+        return KLTrigger(reverse=reverse_kl)
+    if name == "random":
+        return RandomTrigger(seed=seed)
+    return TRIGGERS[name]()

@@ -1,0 +1,133 @@
+"""A small and a large model that share one tokenizer, checked once at load time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import S2TError
+from .loading import load_model
+
+N_RESERVED = 16
+
+
+def tokenizer_size(tokenizer) -> int:
+    """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
+    return len(tokenizer)
+
+
+def first_token_mismatch(tok_a, tok_b) -> tuple[int, str | None, str | None] | None:
+    """The first id below both tokenizers' sizes at which they differ, or None if they agree.
+
+    Sizes may differ only if one is a prefix of the other; then the first extra id is the mismatch.
+    """
+    n_a, n_b = tokenizer_size(tok_a), tokenizer_size(tok_b)
+    ids = list(range(max(n_a, n_b)))
+    a = tok_a.convert_ids_to_tokens(ids[:n_a]) + [None] * (len(ids) - n_a)
+    b = tok_b.convert_ids_to_tokens(ids[:n_b]) + [None] * (len(ids) - n_b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i, x, y
+    return None
+
+
+def pick_reserved_ids(tokenizer, embedding_rows: int, n: int = N_RESERVED) -> tuple[int, ...] | None:
+    """Ids for S2T-Local's score head: unused padding rows first, else unused special tokens.
+
+    Padding rows (ids >= tokenizer size) are never produced by the tokenizer. Special tokens are
+    usable when they are not BOS/EOS/PAD/UNK and do not appear in the chat template.
+    """
+    size = tokenizer_size(tokenizer)
+    padding = list(range(size, embedding_rows))
+    if len(padding) >= n:
+        return tuple(padding[:n])
+    used = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    template = tokenizer.chat_template or "" if isinstance(tokenizer.chat_template, (str, type(None))) else ""
+    specials = []
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        tid = tokenizer.convert_tokens_to_ids(token.content)
+        if token.special and tid not in used and token.content not in template and tid < embedding_rows:
+            specials.append(tid)
+    candidates = padding + sorted(specials, reverse=True)
+    return tuple(candidates[:n]) if len(candidates) >= n else None
+
+
+@dataclass
+class ModelPair:
+    """SLM (+ optional LLM) with the vocabulary facts every decoding step relies on.
+
+    `vocab_size` is the tokenizer size: logits are cut to it, so padding rows are never proposed.
+    `banned_ids` (the reserved ids that lie below it, if any) are masked too.
+    """
+
+    slm: torch.nn.Module
+    tokenizer: object
+    llm: torch.nn.Module | None = None
+    slm_name: str = ""
+    llm_name: str = ""
+    reserved_ids: tuple[int, ...] | None = None
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return tokenizer_size(self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.slm.parameters()).device
+
+    @property
+    def banned_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in (self.reserved_ids or ()) if i < self.vocab_size)
+
+    def allowed_mask(self) -> torch.Tensor:
+        """Bool [vocab_size]: True where a token may be generated."""
+        mask = torch.ones(self.vocab_size, dtype=torch.bool, device=self.device)
+        if self.banned_ids:
+            mask[list(self.banned_ids)] = False
+        return mask
+
+    def require_llm(self) -> torch.nn.Module:
+        if self.llm is None:
+            raise S2TError("this policy needs an LLM: pass --llm")
+        return self.llm
+
+
+def check_tokenizers(slm_name: str, slm_tok, llm_name: str, llm_tok) -> None:
+    """Raise S2TError naming the first differing id if the tokenizers disagree."""
+    mismatch = first_token_mismatch(slm_tok, llm_tok)
+    if mismatch is not None:
+        i, a, b = mismatch
+        raise S2TError(
+            f"tokenizers differ: id {i} is {a!r} in {slm_name} but {b!r} in {llm_name} "
+            f"(sizes {tokenizer_size(slm_tok)} vs {tokenizer_size(llm_tok)}); S2T needs a shared tokenizer"
+        )
+
+
+def embedding_rows(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def load_pair(slm: str, llm: str | None = None, dtype: str = "bf16", device: str = "auto") -> ModelPair:
+    """Load and check an SLM/LLM pair (the LLM is optional: greedy and S2T-Local need none)."""
+    slm_model, slm_tok, slm_src = load_model(slm, dtype=dtype, device=device)
+    llm_model = None
+    sources = {"slm": slm_src}
+    if llm is not None:
+        llm_model, llm_tok, llm_src = load_model(llm, dtype=dtype, device=device)
+        sources["llm"] = llm_src
+        check_tokenizers(slm, slm_tok, llm, llm_tok)
+    size = tokenizer_size(slm_tok)
+    for name, model in (("SLM", slm_model), ("LLM", llm_model)):
+        if model is not None and embedding_rows(model) < size:
+            raise S2TError(f"{name} has {embedding_rows(model)} output rows, fewer than the tokenizer's {size} ids")
+    return ModelPair(
+        slm=slm_model,
+        llm=llm_model,
+        tokenizer=slm_tok,
+        slm_name=slm,
+        llm_name=llm or "",
+        reserved_ids=pick_reserved_ids(slm_tok, embedding_rows(slm_model)),
+        sources=sources,
+    )
