@@ -65,7 +65,7 @@ def path_for(cfg: DecodeConfig, policy: Policy) -> str:
 
 def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | None = None,
              batch_size: int = 8, row_seeds: list | None = None, prompt_ids: list[list[int]] | None = None,
-             **overrides) -> GenerateResult:
+             on_commit=None, **overrides) -> GenerateResult:
     """Decode `prompts` with the configured policy. Batched output equals unbatched output."""
     cfg = config or DecodeConfig(**overrides)
     if isinstance(prompts, str):
@@ -80,7 +80,7 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
     path = path_for(cfg, policy)
 
     def make_row():
-        return RowState(pair.tokenizer, eos, cfg.stop, cfg.max_new_tokens)
+        return RowState(pair.tokenizer, eos, cfg.stop, cfg.max_new_tokens, on_commit)
 
     total = DecodeStats()
     gens: list[Generation] = []

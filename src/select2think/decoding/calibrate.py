@@ -1,0 +1,111 @@
+"""Trigger thresholds as quantiles of the per-step statistic under greedy SLM decoding.
+
+`calibrate` decodes a calibration split greedily with the SLM, teacher-forces the LLM over each
+trajectory in one forward (only for triggers that need it), and stores the chosen quantile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import S2TError
+from ..models.pair import ModelPair
+from .api import encode_prompts, generate
+from .config import DecodeConfig
+from .teacher import step_logprobs
+from .triggers import make_trigger
+
+
+@dataclass
+class Calibration:
+    trigger: str
+    quantile: float
+    threshold: float
+    slm: str
+    llm: str
+    reverse_kl: bool
+    warmup: int
+    dataset: str
+    n_prompts: int
+    n_steps: int
+    max_new_tokens: int
+    created: str
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+
+def check_quantile(q: float) -> None:
+    if not 0.0 < q < 1.0:
+        raise S2TError(f"quantile must be strictly between 0 and 1, got {q}")
+
+
+def step_statistics(pair: ModelPair, prompts: list[str], trigger_name: str, reverse_kl: bool = False,
+                    warmup: int = 3, max_new_tokens: int = 512, batch_size: int = 8,
+                    chat_template: bool = True) -> np.ndarray:
+    """Per-step trigger statistic along greedy SLM trajectories (warm-up steps excluded)."""
+    trigger = make_trigger(trigger_name, reverse_kl)
+    if trigger.needs_llm:
+        pair.require_llm()
+    prompt_ids = encode_prompts(pair.tokenizer, prompts, chat_template)
+    greedy = generate(pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=max_new_tokens,
+                                                  chat_template=chat_template),
+                      batch_size=batch_size, prompt_ids=prompt_ids)
+    stats = []
+    for p_ids, gen in zip(prompt_ids, greedy.generations):
+        g = gen.token_ids
+        if len(g) <= warmup:
+            continue
+        s_lp = step_logprobs(pair.slm, p_ids, g, pair.vocab_size, pair.banned_ids)
+        l_lp = step_logprobs(pair.llm, p_ids, g, pair.vocab_size, pair.banned_ids) if trigger.needs_llm else None
+        keys = [(0, i) for i in range(len(g))]
+        stat = trigger.statistic(s_lp, l_lp, keys)[warmup:]
+        stats.append(stat.cpu().numpy())
+    if not stats:
+        raise S2TError("calibration produced no steps: use more prompts or a larger max_new_tokens")
+    return np.concatenate(stats)
+
+
+def calibrate(pair: ModelPair, prompts: list[str], trigger: str, quantile: float, dataset: str = "",
+              reverse_kl: bool = False, warmup: int = 3, max_new_tokens: int = 512, batch_size: int = 8) -> Calibration:
+    check_quantile(quantile)
+    if trigger in ("never", "always"):
+        raise S2TError(f"trigger {trigger!r} has no threshold to calibrate")
+    values = step_statistics(pair, prompts, trigger, reverse_kl, warmup, max_new_tokens, batch_size)
+    values = values[np.isfinite(values)]
+    threshold = float(np.quantile(values, quantile)) if trigger != "random" else float(quantile)
+    return Calibration(trigger, quantile, threshold, pair.slm_name, pair.llm_name if trigger == "kl" else "",
+                       reverse_kl, warmup, dataset, len(prompts), int(values.size), max_new_tokens,
+                       time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def load_threshold(path: str | Path, trigger: str, slm: str, llm: str | None, reverse_kl: bool = False) -> float:
+    """The threshold stored by `calibrate`, after checking it was made for this trigger and pair."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise S2TError(f"threshold file not found: {path} (make one with `s2t calibrate`)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise S2TError(f"cannot read threshold file {path}: {e}") from None
+    if not isinstance(data, dict) or "threshold" not in data or "trigger" not in data:
+        raise S2TError(f"{path} is not a threshold file from `s2t calibrate`")
+    if data["trigger"] != trigger:
+        raise S2TError(f"{path} was calibrated for trigger {data['trigger']!r}, not {trigger!r}")
+    if data.get("slm") != slm:
+        raise S2TError(f"{path} was calibrated for SLM {data.get('slm')!r}, not {slm!r}")
+    if trigger == "kl" and data.get("llm") != llm:
+        raise S2TError(f"{path} was calibrated for LLM {data.get('llm')!r}, not {llm!r}")
+    if trigger == "kl" and bool(data.get("reverse_kl")) != reverse_kl:
+        raise S2TError(f"{path} was calibrated with reverse_kl={data.get('reverse_kl')}, not {reverse_kl}")
+    return float(data["threshold"])

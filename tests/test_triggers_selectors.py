@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from select2think import S2TError
+from select2think.decoding.selectors import LLMArgmax, LLMRestrictedArgmax, Sampler, SLMTop1
+from select2think.decoding.triggers import EntropyTrigger, KLTrigger, MarginTrigger, RandomTrigger, make_trigger
+
+
+def logp(rows):
+    return torch.tensor(rows, dtype=torch.float32).log()
+
+
+def test_kl_matches_hand_computation_on_top_support():
+    s = logp([[0.5, 0.3, 0.2]])
+    l = logp([[0.2, 0.3, 0.5]])
+    expected = sum(p * math.log(p / q) for p, q in zip([0.5, 0.3, 0.2], [0.2, 0.3, 0.5]))
+    assert KLTrigger().statistic(s, l).item() == pytest.approx(expected, rel=1e-5)
+    reverse = sum(q * math.log(q / p) for p, q in zip([0.5, 0.3, 0.2], [0.2, 0.3, 0.5]))
+    assert KLTrigger(reverse=True).statistic(s, l).item() == pytest.approx(reverse, rel=1e-5)
+    assert KLTrigger().statistic(s, s).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_renormalises_on_slm_top64_and_drops_llm_zeros():
+    V = 100
+    s = torch.full((1, V), 1e-4)
+    s[0, :64] = (1 - 36e-4) / 64
+    l = s.clone()
+    l[0, 70] = 0.5  # outside the SLM's top-64: ignored
+    l[0, 0] = 0.0  # p_L = 0: dropped
+    l = l / l.sum()
+    stat = KLTrigger().statistic(s.log(), l.log())
+    assert torch.isfinite(stat).all() and stat.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_entropy_and_margin():
+    uniform = torch.full((1, 64), 1 / 64).log()
+    assert EntropyTrigger().statistic(uniform).item() == pytest.approx(math.log(64), rel=1e-5)
+    peaked = logp([[0.9, 0.05, 0.05]])
+    assert MarginTrigger().statistic(peaked).item() == pytest.approx(1 - 0.85, rel=1e-5)
+
+
+def test_random_trigger_is_keyed_not_stateful():
+    t = RandomTrigger(seed=3)
+    x = torch.zeros(3, 5)
+    a = t.statistic(x, None, [(0, 1), (0, 2), (1, 1)])
+    b = t.statistic(x[:1], None, [(0, 2)])
+    assert a[1] == b[0] and a[0] != a[1]
+
+
+def test_make_trigger_rejects_unknown():
+    with pytest.raises(S2TError, match="unknown trigger 'nope'"):
+        make_trigger("nope")
+
+
+def test_restricted_argmax_stays_in_slm_topk_and_breaks_ties_by_slm_rank():
+    s = logp([[0.4, 0.3, 0.2, 0.1]])
+    l = logp([[0.1, 0.1, 0.1, 0.7]])
+    assert LLMArgmax().select(s, l).item() == 3
+    assert LLMRestrictedArgmax(k=3).select(s, l).item() == 0  # tie among top-3: higher SLM rank wins
+    l2 = logp([[0.1, 0.2, 0.3, 0.4]])
+    assert LLMRestrictedArgmax(k=3).select(s, l2).item() == 2
+    assert SLMTop1().select(s).item() == 0
+
+
+def test_sampler_is_seeded_per_key_and_validates():
+    s = torch.randn(2, 50).log_softmax(-1)
+    a = Sampler(0.7, 0.95, seed=1).select(s, None, [(0, 0), (1, 0)])
+    b = Sampler(0.7, 0.95, seed=1).select(s, None, [(0, 0), (1, 0)])
+    assert torch.equal(a, b)
+    with pytest.raises(S2TError):
+        Sampler(temperature=0)
+    with pytest.raises(S2TError):
+        Sampler(top_p=1.5)
