@@ -166,6 +166,43 @@ def calibrate_cmd(
                   f"({cal.n_steps} steps, {cal.n_prompts} prompts) -> {out}")
 
 
+@app.command("eval")
+def eval_cmd(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    llm: Optional[str] = typer.Option(None, help="needed by llm, takeover and s2t"),
+    dataset: str = typer.Option("gsm8k", help="gsm8k | aime2025 | gsm_symbolic:SPLIT | hf:NAME[:CONFIG]:SPLIT | FILE.jsonl"),
+    policy: List[str] = typer.Option(["greedy"], help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json (repeatable)"),
+    limit: Optional[int] = typer.Option(None),
+    offset: int = typer.Option(0),
+    shard: str = typer.Option("0/1", help="i/n: this process takes items i, i+n, ..."),
+    seed: int = typer.Option(0),
+    k: int = typer.Option(8, help="S2T candidates"),
+    max_new_tokens: int = typer.Option(512),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.95),
+    out: str = typer.Option(..., help="run directory (rerun the same command to resume)"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+):
+    """Decode and grade every (item, policy); one JSON line each, resumable, shardable."""
+    from .eval.report import write_report
+    from .eval.runner import EvalConfig, run_eval
+
+    cfg = EvalConfig(slm=slm, llm=llm, dataset=dataset, out=out, policies=list(policy), limit=limit,
+                     offset=offset, shard=shard, seed=seed, max_new_tokens=max_new_tokens, k=k,
+                     temperature=temperature, top_p=top_p, dtype=dtype, device=device)
+    run_eval(cfg)
+    console.print(write_report(out))
+
+
+@app.command()
+def report(run_dir: str):
+    """Merge a run's shards: report.md, report.json, report.csv and accuracy_vs_compute.png."""
+    from .eval.report import write_report
+
+    console.print(write_report(run_dir))
+
+
 @app.command()
 def demo(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
@@ -206,3 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

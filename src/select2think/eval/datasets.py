@@ -109,8 +109,34 @@ def load_gsm_symbolic(split: str, limit: int = 200, seed: int = 0) -> Dataset:
     return Dataset(f"gsm_symbolic:{split}", False, tuple(items))
 
 
-def load_dataset(spec: str, limit: int | None = None) -> Dataset:
-    """`gsm8k`, `aime2025`, `gsm_symbolic:SPLIT`, or a local `.jsonl` path."""
+def load_hf(spec: str) -> Dataset:
+    """`hf:NAME[:CONFIG]:SPLIT` through the `datasets` library (needs hub access)."""
+    parts = spec.split(":")[1:]
+    if len(parts) not in (2, 3):
+        raise S2TError(f"hf datasets are written hf:NAME[:CONFIG]:SPLIT, got {spec!r}")
+    try:
+        import datasets
+    except ImportError:
+        raise S2TError("hf: datasets need the `datasets` package: run `pip install 'select2think[hub]'`") from None
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, ...
+        raise S2TError(f"cannot load {spec}: {str(e).splitlines()[0]}") from None
+    q = next((f for f in ("question", "problem", "prompt") if f in ds.column_names), None)
+    a = next((f for f in ("answer", "solution", "final_answer") if f in ds.column_names), None)
+    if q is None:
+        raise S2TError(f"{spec} has no question/problem/prompt column: {ds.column_names}")
+    gold = (lambda x: gsm8k_gold(x) if "####" in x else x)
+    items = tuple(Item(f"{name}-{i}", r[q], gold(str(r[a])) if a else None) for i, r in enumerate(ds))
+    return Dataset(spec, split == "test", items)
+
+
+def load_dataset(spec: str, limit: int | None = None, question_field: str = "question",
+                 answer_field: str = "answer") -> Dataset:
+    """`gsm8k`, `aime2025`, `gsm_symbolic:SPLIT`, `hf:NAME[:CONFIG]:SPLIT`, or a local `.jsonl` path."""
+    if spec.startswith("hf:"):
+        return load_hf(spec)
     if spec in ("gsm8k", "gsm8k:test"):
         return load_gsm8k()
     if spec in ("aime2025", "aime2025:test"):
@@ -120,8 +146,9 @@ def load_dataset(spec: str, limit: int | None = None) -> Dataset:
         return load_gsm_symbolic(split, limit=limit or 200)
     path = Path(spec)
     if path.suffix == ".jsonl":
-        rows = read_jsonl(path, "question", None)
-        items = tuple(Item(str(r.get("id", i)), r["question"], None if r.get("answer") is None else str(r["answer"]))
+        rows = read_jsonl(path, question_field, None)
+        items = tuple(Item(str(r.get("id", i)), str(r[question_field]),
+                           None if r.get(answer_field) is None else str(r[answer_field]))
                       for i, r in enumerate(rows))
         return Dataset(spec, "test" in path.stem.lower(), items)
     raise S2TError(f"unknown dataset {spec!r}: use gsm8k, aime2025, gsm_symbolic:train|calib|dev or a .jsonl file")

@@ -38,15 +38,18 @@ def extract_answer(text: str, numeric_fallback: bool = True) -> str | None:
     return None
 
 
-def is_correct(prediction: str | None, gold: str | None) -> bool:
+def is_correct(prediction: str | None, gold: str | None, timeout_s: int = 5) -> bool:
+    """math-verify equivalence (with a per-item timeout); exact text match if it cannot parse."""
     if prediction is None or gold is None:
         return False
     from math_verify import parse, verify
 
     pred = prediction.replace(",", "") if re.fullmatch(r"[-\d,.\s$]+", prediction) else prediction
     try:
-        g = parse(f"${gold}$")
-        p = parse(f"${pred}$")
-        return bool(p) and bool(g) and bool(verify(g, p))
+        g = parse(f"${gold}$", parsing_timeout=timeout_s)
+        p = parse(f"${pred}$", parsing_timeout=timeout_s)
+        if p and g:
+            return bool(verify(g, p, timeout_seconds=timeout_s))
     except Exception:
-        return pred.strip() == gold.strip()
+        pass
+    return pred.strip() == gold.strip()

@@ -1,0 +1,202 @@
+"""`s2t eval`: (item, policy) pairs decoded and graded, one flushed JSON line each.
+
+Rerunning the same command resumes: finished lines are skipped and a line cut by a kill is dropped.
+`--shard i/n` takes items i, i+n, i+2n, ...; each shard writes its own file and `s2t report` merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..decoding import DecodeConfig, generate
+from ..decoding.calibrate import load_threshold
+from ..errors import S2TError
+from .datasets import load_dataset
+from .grading import extract_answer, is_correct
+from .prompts import math_prompt
+from .vote import majority, pass_at_k
+
+BASE_POLICIES = ("greedy", "sample", "llm", "takeover", "s2t")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    label: str
+    policy: str  # a decoding policy
+    samples: int = 1  # > 1: maj@k over sampled trajectories (pass@k recorded beside it)
+    threshold_file: str | None = None
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`."""
+    name, _, file = text.partition("=")
+    if name.startswith(("maj@", "pass@")):
+        try:
+            k = int(name.split("@", 1)[1])
+        except ValueError:
+            raise S2TError(f"bad policy {text!r}: write maj@K with an integer K") from None
+        if k < 1:
+            raise S2TError(f"bad policy {text!r}: K must be >= 1")
+        return PolicySpec(f"maj@{k}", "sample", k)
+    if name not in BASE_POLICIES:
+        raise S2TError(f"unknown policy {name!r}: use one of {', '.join(BASE_POLICIES)}, maj@K, pass@K")
+    if name in ("s2t", "takeover"):
+        if not file:
+            raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")
+        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file)
+    return PolicySpec(name, name)
+
+
+@dataclass
+class EvalConfig:
+    slm: str
+    llm: str | None
+    dataset: str
+    out: str
+    policies: list[str] = field(default_factory=lambda: ["greedy"])
+    limit: int | None = None
+    offset: int = 0
+    shard: str = "0/1"
+    seed: int = 0
+    max_new_tokens: int = 512
+    k: int = 8
+    temperature: float = 0.7
+    top_p: float = 0.95
+    dtype: str = "bf16"
+    device: str = "auto"
+
+    def shard_index(self) -> tuple[int, int]:
+        try:
+            i, n = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise S2TError(f"--shard must look like i/n, got {self.shard!r}") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise S2TError(f"--shard i/n needs 0 <= i < n, got {self.shard!r}")
+        return i, n
+
+    def identity(self) -> dict:
+        """What must match for a rerun to resume into the same directory (the shard may differ)."""
+        d = asdict(self)
+        d.pop("shard")
+        d.pop("device")
+        d.pop("policies")
+        return d
+
+
+def item_seed(run_seed: int, item_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{run_seed}:{item_id}".encode()).digest()[:4], "little")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("select2think", "torch", "transformers", "math-verify"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Finished lines; a trailing partial line (killed mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    rows, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line)
+    if good < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return rows
+
+
+def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
+    path = out / "config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("identity") != cfg.identity():
+            raise S2TError(f"{out} holds a run with a different configuration; use another --out")
+        labels = sorted(set(old.get("policies", [])) | {s.label for s in specs})
+    else:
+        labels = [s.label for s in specs]
+    meta = {"identity": cfg.identity(), "policies": labels, "versions": _versions(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta["models"] = {}
+    for role, model in (("slm", pair.slm), ("llm", pair.llm)):
+        if model is None:
+            continue
+        src = pair.sources.get(role)
+        meta["models"][role] = {"name": getattr(src, "name", ""), "sha256": getattr(src, "sha256", None),
+                                "params": sum(p.numel() for p in model.parameters())}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
+
+
+def run_policy_on_item(pair, spec: PolicySpec, cfg: EvalConfig, item, threshold: float | None) -> dict:
+    seed = item_seed(cfg.seed, item.id)
+    dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger="kl" if spec.policy in ("s2t", "takeover") else None,
+                        threshold=threshold, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, seed=seed)
+    prompt = math_prompt(item.question)
+    res = generate(pair, [prompt] * spec.samples, dcfg, batch_size=max(spec.samples, 1),
+                   row_seeds=list(range(spec.samples)))
+    answers = [extract_answer(t) for t in res.texts]
+    if spec.samples > 1:
+        pred = majority(answers)
+        extra = {"answers": answers, "pass_at_k": pass_at_k(answers, item.answer)}
+    else:
+        pred, extra = answers[0], {}
+    return {"item": item.id, "policy": spec.label, "gold": item.answer, "prediction": pred,
+            "correct": is_correct(pred, item.answer), "text": res.texts[0] if spec.samples == 1 else None,
+            "finish": [g.finish_reason for g in res.generations], "stats": res.stats.to_dict(), **extra}
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
+    from ..models.pair import load_pair
+
+    specs = [parse_policy(p) for p in cfg.policies]
+    if len({s.label for s in specs}) != len(specs):
+        raise S2TError("the same policy is listed twice")
+    shard_i, shard_n = cfg.shard_index()
+    ds = load_dataset(cfg.dataset, limit=cfg.limit)
+    items = ds.take(cfg.limit, cfg.offset)
+    items = [it for idx, it in enumerate(items) if idx % shard_n == shard_i]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / f"results.shard{shard_i}of{shard_n}.jsonl"
+    done = {(r["item"], r["policy"]) for r in read_lines(results)}
+    todo = [(it, s) for it in items for s in specs if (it.id, s.label) not in done]
+    needs_llm = any(s.policy in ("llm", "takeover", "s2t") for s in specs)
+    if needs_llm and not cfg.llm:
+        raise S2TError("these policies need --llm")
+    pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device)
+    _write_config(cfg, out, pair, specs)
+    thresholds = {s.label: load_threshold(s.threshold_file, "kl", cfg.slm, cfg.llm) for s in specs if s.threshold_file}
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress) as bar:
+        task = bar.add_task(f"eval {cfg.dataset}", total=len(items) * len(specs), completed=len(items) * len(specs) - len(todo))
+        with open(results, "a") as f:
+            for item, spec in todo:
+                row = run_policy_on_item(pair, spec, cfg, item, thresholds.get(spec.label))
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.advance(task)
+    return out

@@ -1,0 +1,129 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from select2think import S2TError
+from select2think.eval.datasets import load_dataset, load_gsm_symbolic, refuse_test
+from select2think.eval.grading import extract_answer, is_correct, last_boxed
+from select2think.eval.runner import parse_policy, read_lines
+from select2think.eval.vote import majority, normalise, pass_at_k
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+    ("\\boxed{1} then \\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),
+    ("\\boxed{3", None),
+])
+def test_last_boxed_balances_braces(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_extraction_and_grading_cases():
+    assert extract_answer("The total is 1,234 apples.") == "1234"
+    assert extract_answer("no digits here") is None
+    assert extract_answer("\\boxed{12} and later 99") == "12"
+    assert is_correct("1,000", "1000")
+    assert is_correct("\\frac{1}{2}", "0.5")
+    assert is_correct("18 \\text{ dollars}", "18")
+    assert is_correct("\\$18", "18")
+    assert not is_correct("17", "18")
+    assert not is_correct(None, "18")
+    assert not is_correct("\\frac{", "18")  # unparseable: falls back to exact text, which differs
+
+
+def test_majority_vote_normalises_and_breaks_ties_by_first():
+    assert normalise("1,000.50") == "1000.5"
+    assert majority(["3", "5", "5.0", "3"]) == "3"  # 2-2 tie: first occurrence
+    assert majority([None, "7", "7 ", "8"]) == "7"
+    assert majority([None, None]) is None
+    assert pass_at_k(["1", "2"], "2") and not pass_at_k(["1", None], "2")
+
+
+def test_datasets_and_test_split_refusal(tmp_path):
+    g = load_dataset("gsm8k")
+    assert len(g.items) == 1319 and g.items[0].answer == "18" and g.is_test
+    with pytest.raises(S2TError, match="test split"):
+        refuse_test(g, "calibration")
+    assert len(load_dataset("aime2025").items) == 30
+    train = {i.question for i in load_gsm_symbolic("train", limit=40).items}
+    calib = {i.question for i in load_gsm_symbolic("calib", limit=10).items}
+    assert len(train) == 40 and len(calib) == 10 and not train & calib
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1"}\n{"question": "q2"\n')
+    with pytest.raises(S2TError, match=r"bad.jsonl:2: malformed JSON"):
+        load_dataset(str(bad))
+    missing = tmp_path / "m.jsonl"
+    missing.write_text('{"problem": "q"}\n')
+    with pytest.raises(S2TError, match=r"m.jsonl:1: missing field 'question'"):
+        load_dataset(str(missing))
+    assert load_dataset(str(missing), question_field="problem").items[0].question == "q"
+
+
+def test_policy_specs():
+    assert parse_policy("maj@8").samples == 8
+    assert parse_policy("s2t=runs/kl99.json").label == "s2t[kl99]"
+    with pytest.raises(S2TError, match="needs a threshold file"):
+        parse_policy("s2t")
+    with pytest.raises(S2TError, match="unknown policy"):
+        parse_policy("beam")
+
+
+def test_read_lines_drops_a_partial_last_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2}\n{"a": 3')
+    assert read_lines(p) == [{"a": 1}, {"a": 2}]
+    assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
+
+
+def _eval_cmd(out, *extra):
+    return [sys.executable, "-m", "select2think.cli", "eval", "--slm", "tiny-slm", "--llm", "tiny-llm",
+            "--dataset", "gsm8k", "--limit", "6", "--max-new-tokens", "12", "--dtype", "fp32", "--device", "cpu",
+            "--policy", "greedy", "--policy", "maj@2", "--out", str(out), *extra]
+
+
+def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_eval_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.shard0of1.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not results.is_file() or len(results.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_lines(results)
+    assert 3 <= len(before) < 12
+    done = subprocess.run(_eval_cmd(out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = read_lines(results)
+    keys = [(r["item"], r["policy"]) for r in after]
+    assert len(keys) == len(set(keys)) == 12
+    assert after[: len(before)] == before  # finished lines are never rewritten
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["policies"]) == {"greedy", "maj@2", "pass@2 (oracle, not a policy)"}
+    assert (out / "accuracy_vs_compute.png").stat().st_size > 1000
+    assert rep["policies"]["maj@2"]["compute_vs_greedy"] == pytest.approx(2.0, rel=0.35)
+
+
+def test_shards_merge_into_the_unsharded_result(tmp_path):
+    from select2think.cli import main
+    from select2think.eval.report import build_report
+
+    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm8k", "--limit", "4", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--device", "cpu", "--policy", "greedy", "--policy", "sample"]
+    assert main(base + ["--out", str(tmp_path / "whole")]) == 0
+    for i in range(2):
+        assert main(base + ["--out", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
+    whole = {(r["item"], r["policy"]): r["prediction"] for r in read_lines(tmp_path / "whole" / "results.shard0of1.jsonl")}
+    sharded = {}
+    for i in range(2):
+        for r in read_lines(tmp_path / "sharded" / f"results.shard{i}of2.jsonl"):
+            sharded[(r["item"], r["policy"])] = r["prediction"]
+    assert whole == sharded and len(whole) == 8  # per-item seeds: shards agree with the whole run
+    assert build_report(tmp_path / "sharded")["policies"]["greedy"]["n"] == 4
+    assert main(base[:-2] + ["--policy", "greedy", "--out", str(tmp_path / "whole"), "--seed", "5"]) == 2
