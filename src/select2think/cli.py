@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -193,6 +194,29 @@ def eval_cmd(
                      temperature=temperature, top_p=top_p, dtype=dtype, device=device)
     run_eval(cfg)
     console.print(write_report(out))
+
+
+@app.command()
+def analyze(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    llm: str = typer.Option("qwen2.5-coder-1.5b-instruct"),
+    dataset: str = typer.Option("gsm8k"),
+    limit: Optional[int] = typer.Option(None),
+    trajectory: str = typer.Option("slm", help="slm: SLM decodes, LLM teacher-forced; llm: the reverse (R2R style)"),
+    max_new_tokens: int = typer.Option(512),
+    out: str = typer.Option(..., help="output directory (rerun to resume)"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+):
+    """Local sufficiency: Hit@K of the LLM's choice in the SLM's top-K at divergence points."""
+    from .analysis.sufficiency import AnalyzeConfig, markdown, run_analysis
+
+    cfg = AnalyzeConfig(slm=slm, llm=llm, dataset=dataset, out=out, limit=limit, trajectory=trajectory,
+                        max_new_tokens=max_new_tokens, dtype=dtype, device=device)
+    summary = run_analysis(cfg)
+    text = markdown(summary)
+    Path(out, "summary.md").write_text(text)
+    console.print(text)
 
 
 @app.command()

@@ -92,20 +92,21 @@ def load_gsm_symbolic(split: str, limit: int = 200, seed: int = 0) -> Dataset:
     import reasoning_gym
 
     buckets = GSM_SYMBOLIC_SPLITS[split]
-    need = limit
     items: list[Item] = []
     seen = set()
-    size = max(64, need * 12)
-    source = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
-    for i in range(size):
-        x = source[i]
-        q = x["question"]
-        if q in seen or _bucket(q) not in buckets:
-            continue
-        seen.add(q)
-        items.append(Item(f"gsm_symbolic-{split}-{seed}-{i}", q, str(x["answer"])))
-        if len(items) >= need:
+    chunk = max(64, limit * 12)
+    for round_ in range(1000):
+        if len(items) >= limit:
             break
+        source = reasoning_gym.create_dataset("gsm_symbolic", size=chunk, seed=seed * 1000 + round_)
+        for i in range(chunk):
+            q = source[i]["question"]
+            if q in seen or _bucket(q) not in buckets:
+                continue
+            seen.add(q)
+            items.append(Item(f"gsm_symbolic-{seed}-{round_}-{i}", q, str(source[i]["answer"])))
+            if len(items) >= limit:
+                break
     return Dataset(f"gsm_symbolic:{split}", False, tuple(items))
 
 

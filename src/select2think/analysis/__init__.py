@@ -1,0 +1,1 @@
+"""Local sufficiency: where the LLM's choice lies in the SLM's ranking."""
