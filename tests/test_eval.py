@@ -83,7 +83,7 @@ def test_read_lines_drops_a_partial_last_line(tmp_path):
 def _eval_cmd(out, *extra):
     return [sys.executable, "-m", "select2think.cli", "eval", "--slm", "tiny-slm", "--llm", "tiny-llm",
             "--dataset", "gsm8k", "--limit", "6", "--max-new-tokens", "12", "--dtype", "fp32", "--device", "cpu",
-            "--policy", "greedy", "--policy", "maj@2", "--out", str(out), *extra]
+            "--policy", "greedy", "--policy", "maj@2", "--batch-size", "2", "--out", str(out), *extra]
 
 
 def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
@@ -118,12 +118,12 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
             "--dtype", "fp32", "--device", "cpu", "--policy", "greedy", "--policy", "sample"]
     assert main(base + ["--out", str(tmp_path / "whole")]) == 0
     for i in range(2):
-        assert main(base + ["--out", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
+        assert main(base + ["--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--batch-size", "1"]) == 0
     whole = {(r["item"], r["policy"]): r["prediction"] for r in read_lines(tmp_path / "whole" / "results.shard0of1.jsonl")}
     sharded = {}
     for i in range(2):
         for r in read_lines(tmp_path / "sharded" / f"results.shard{i}of2.jsonl"):
             sharded[(r["item"], r["policy"])] = r["prediction"]
-    assert whole == sharded and len(whole) == 8  # per-item seeds: shards agree with the whole run
+    assert whole == sharded and len(whole) == 8  # per-item seeds: shards and batch sizes agree with the whole run
     assert build_report(tmp_path / "sharded")["policies"]["greedy"]["n"] == 4
     assert main(base[:-2] + ["--policy", "greedy", "--out", str(tmp_path / "whole"), "--seed", "5"]) == 2

@@ -181,6 +181,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(512),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.95),
+    batch_size: int = typer.Option(8, help="rows decoded together; results do not depend on it"),
     out: str = typer.Option(..., help="run directory (rerun the same command to resume)"),
     dtype: str = DTYPE,
     device: str = DEVICE,
@@ -191,7 +192,7 @@ def eval_cmd(
 
     cfg = EvalConfig(slm=slm, llm=llm, dataset=dataset, out=out, policies=list(policy), limit=limit,
                      offset=offset, shard=shard, seed=seed, max_new_tokens=max_new_tokens, k=k,
-                     temperature=temperature, top_p=top_p, dtype=dtype, device=device)
+                     temperature=temperature, top_p=top_p, dtype=dtype, device=device, batch_size=batch_size)
     run_eval(cfg)
     console.print(write_report(out))
 

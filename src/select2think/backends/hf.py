@@ -26,6 +26,8 @@ class HFBackend:
         self.cache = DynamicCache(config=self.model.config)
         self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.row_forwards = [0] * batch_size  # forwards in which the row had a live token
+        self.row_tokens = [0] * batch_size  # live tokens the row put through the model
 
     @property
     def num_slots(self) -> int:
@@ -52,6 +54,9 @@ class HFBackend:
         self.lengths = self.lengths + live.long().sum(1)
         self.forwards += 1
         self.tokens += int(live.sum())
+        for r, n in enumerate(live.sum(1).tolist()):
+            self.row_tokens[r] += n
+            self.row_forwards[r] += n > 0
         logits = out.logits[..., : self.vocab_size].float()
         if self.banned is not None:
             logits[..., self.banned.to(logits.device)] = float("-inf")

@@ -91,6 +91,9 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
         if cfg.policy == "llm":
             rows, st = decode_reference(pair.llm, None, *common)
             st.llm_forwards, st.llm_tokens, st.slm_forwards, st.slm_tokens = st.slm_forwards, st.slm_tokens, 0, 0
+            for r in rows:  # the proposer was the LLM
+                g = r.gen
+                g.llm_forwards, g.llm_tokens, g.slm_forwards, g.slm_tokens = g.slm_forwards, g.slm_tokens, 0, 0
         elif path == "reference":
             rows, st = decode_reference(pair.slm, pair.llm if policy.needs_llm else None, *common)
         elif path == "draft-verify":

@@ -69,7 +69,7 @@ class _LazyLLM:
 def _stats(slm: HFBackend, llm: _LazyLLM, rows, t0) -> DecodeStats:
     stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens,
                         llm_forwards=llm.backend.forwards, llm_tokens=llm.backend.tokens)
-    return totals(rows, stats, t0)
+    return totals(rows, stats, t0, slm, llm.backend)
 
 
 def decode_draft_verify(slm_model, llm_model, tokenizer, vocab_size, banned, prompts, policy: Policy,

@@ -62,4 +62,4 @@ def decode_reference(proposer, llm, tokenizer, vocab_size, banned, prompts, poli
     stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens)
     if big:
         stats.llm_forwards, stats.llm_tokens = big.forwards, big.tokens
-    return rows, totals(rows, stats, t0)
+    return rows, totals(rows, stats, t0, slm, big)

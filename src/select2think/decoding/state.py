@@ -20,6 +20,10 @@ class Generation:
     flips: int = 0  # emitted token != SLM top-1
     hits: int = 0  # LLM full argmax inside SLM top-K, at triggered steps
     hit_checked: int = 0
+    slm_forwards: int = 0  # forwards this row took part in (batched rows share them)
+    llm_forwards: int = 0
+    slm_tokens: int = 0  # tokens of this row each model processed (prompt, drafts and rollbacks included)
+    llm_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,9 +127,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, live
 
 
-def totals(rows: list[RowState], stats: DecodeStats, t0: float) -> DecodeStats:
-    for r in rows:
+def totals(rows: list[RowState], stats: DecodeStats, t0: float, slm=None, llm=None) -> DecodeStats:
+    """Fill whole-call counters from the rows, and each row's costs from the backends."""
+    for i, r in enumerate(rows):
         g = r.gen
+        if slm is not None:
+            g.slm_forwards, g.slm_tokens = slm.row_forwards[i], slm.row_tokens[i]
+        if llm is not None:
+            g.llm_forwards, g.llm_tokens = llm.row_forwards[i], llm.row_tokens[i]
         stats.generated_tokens += len(g.token_ids)
         stats.triggers += g.triggers
         stats.flips += g.flips

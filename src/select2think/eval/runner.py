@@ -71,6 +71,7 @@ class EvalConfig:
     top_p: float = 0.95
     dtype: str = "bf16"
     device: str = "auto"
+    batch_size: int = 8  # rows decoded together (maj@k puts k rows per item)
 
     def shard_index(self) -> tuple[int, int]:
         try:
@@ -86,6 +87,7 @@ class EvalConfig:
         d = asdict(self)
         d.pop("shard")
         d.pop("device")
+        d.pop("batch_size")
         d.pop("policies")
         return d
 
@@ -147,23 +149,34 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
     tmp.replace(path)
 
 
-def run_policy_on_item(pair, spec: PolicySpec, cfg: EvalConfig, item, threshold: float | None) -> dict:
-    seed = item_seed(cfg.seed, item.id)
+COST_KEYS = ("generated_tokens", "slm_forwards", "llm_forwards", "slm_tokens", "llm_tokens", "triggers", "flips",
+             "hits", "hit_checked")
+
+
+def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None) -> list[dict]:
+    """Decode a batch of items (spec.samples rows each) and grade them; one result dict per item."""
     dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger="kl" if spec.policy in ("s2t", "takeover") else None,
                         threshold=threshold, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, seed=seed)
-    prompt = math_prompt(item.question)
-    res = generate(pair, [prompt] * spec.samples, dcfg, batch_size=max(spec.samples, 1),
-                   row_seeds=list(range(spec.samples)))
-    answers = [extract_answer(t) for t in res.texts]
-    if spec.samples > 1:
-        pred = majority(answers)
-        extra = {"answers": answers, "pass_at_k": pass_at_k(answers, item.answer)}
-    else:
-        pred, extra = answers[0], {}
-    return {"item": item.id, "policy": spec.label, "gold": item.answer, "prediction": pred,
-            "correct": is_correct(pred, item.answer), "text": res.texts[0] if spec.samples == 1 else None,
-            "finish": [g.finish_reason for g in res.generations], "stats": res.stats.to_dict(), **extra}
+                        top_p=cfg.top_p, seed=cfg.seed)
+    prompts = [math_prompt(it.question) for it in items for _ in range(spec.samples)]
+    seeds = [(item_seed(cfg.seed, it.id), j) for it in items for j in range(spec.samples)]
+    res = generate(pair, prompts, dcfg, batch_size=len(prompts), row_seeds=seeds)
+    out = []
+    for n, it in enumerate(items):
+        gens = res.generations[n * spec.samples : (n + 1) * spec.samples]
+        answers = [extract_answer(g.text) for g in gens]
+        if spec.samples > 1:
+            pred = majority(answers)
+            extra = {"answers": answers, "pass_at_k": pass_at_k(answers, it.answer)}
+        else:
+            pred, extra = answers[0], {"text": gens[0].text}
+        stats = {k: sum(getattr(g, k) if k != "generated_tokens" else len(g.token_ids) for g in gens)
+                 for k in COST_KEYS}
+        stats["wall_time_s"] = res.stats.wall_time_s * spec.samples / len(prompts)
+        out.append({"item": it.id, "policy": spec.label, "gold": it.answer, "prediction": pred,
+                    "correct": is_correct(pred, it.answer), "finish": [g.finish_reason for g in gens],
+                    "stats": stats, **extra})
+    return out
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
@@ -193,10 +206,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
                   disable=not progress) as bar:
         task = bar.add_task(f"eval {cfg.dataset}", total=len(items) * len(specs), completed=len(items) * len(specs) - len(todo))
         with open(results, "a") as f:
-            for item, spec in todo:
-                row = run_policy_on_item(pair, spec, cfg, item, thresholds.get(spec.label))
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                bar.advance(task)
+            for spec in specs:
+                pending = [it for it, s in todo if s is spec]
+                per_batch = max(1, cfg.batch_size // spec.samples)
+                for start in range(0, len(pending), per_batch):
+                    chunk = pending[start : start + per_batch]
+                    for row in run_policy_on_items(pair, spec, cfg, chunk, thresholds.get(spec.label)):
+                        f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    bar.advance(task, len(chunk))
     return out
