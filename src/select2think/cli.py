@@ -205,6 +205,7 @@ def analyze(
     limit: Optional[int] = typer.Option(None),
     trajectory: str = typer.Option("slm", help="slm: SLM decodes, LLM teacher-forced; llm: the reverse (R2R style)"),
     max_new_tokens: int = typer.Option(512),
+    batch_size: int = typer.Option(8, help="trajectories decoded together"),
     out: str = typer.Option(..., help="output directory (rerun to resume)"),
     dtype: str = DTYPE,
     device: str = DEVICE,
@@ -213,7 +214,7 @@ def analyze(
     from .analysis.sufficiency import AnalyzeConfig, markdown, run_analysis
 
     cfg = AnalyzeConfig(slm=slm, llm=llm, dataset=dataset, out=out, limit=limit, trajectory=trajectory,
-                        max_new_tokens=max_new_tokens, dtype=dtype, device=device)
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, device=device)
     summary = run_analysis(cfg)
     text = markdown(summary)
     Path(out, "summary.md").write_text(text)

@@ -38,6 +38,7 @@ class AnalyzeConfig:
     trajectory: str = "slm"  # which model decodes; the other is teacher-forced
     max_new_tokens: int = 512
     warmup: int = 3
+    batch_size: int = 8
     dtype: str = "bf16"
     device: str = "auto"
 
@@ -65,14 +66,20 @@ def step_records(s_lp: torch.Tensor, l_lp: torch.Tensor) -> dict:
     }
 
 
-def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens: int) -> dict:
+def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new_tokens: int) -> list[dict]:
+    """Greedy trajectories for a batch of prompts, then one teacher-forced forward per model and problem."""
     cfg = DecodeConfig(policy="greedy" if trajectory == "slm" else "llm", max_new_tokens=max_new_tokens)
-    gen = generate(pair, [""], cfg, prompt_ids=[prompt_ids]).generations[0].token_ids
-    s_lp = step_logprobs(pair.slm, prompt_ids, gen, pair.vocab_size, pair.banned_ids)
-    l_lp = step_logprobs(pair.llm, prompt_ids, gen, pair.vocab_size, pair.banned_ids)
-    rec = step_records(s_lp, l_lp)
-    rec["tokens"] = gen
-    return rec
+    gens = generate(pair, [""] * len(prompt_ids), cfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids))
+    out = []
+    for ids, g in zip(prompt_ids, gens.generations):
+        s_lp = step_logprobs(pair.slm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
+        l_lp = step_logprobs(pair.llm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
+        out.append({**step_records(s_lp, l_lp), "tokens": g.token_ids})
+    return out
+
+
+def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens: int) -> dict:
+    return analyze_problems(pair, [prompt_ids], trajectory, max_new_tokens)[0]
 
 
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
@@ -92,12 +99,15 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
         prompts = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in todo], True)
         with Progress(disable=not progress) as bar, open(steps_path, "a") as f:
             task = bar.add_task("analyze", total=len(items), completed=len(items) - len(todo))
-            for it, ids in zip(todo, prompts):
-                rec = analyze_problem(pair, ids, cfg.trajectory, cfg.max_new_tokens)
-                f.write(json.dumps({"item": it.id, **rec}) + "\n")
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start : start + cfg.batch_size]
+                recs = analyze_problems(pair, prompts[start : start + cfg.batch_size], cfg.trajectory,
+                                        cfg.max_new_tokens)
+                for it, rec in zip(chunk, recs):
+                    f.write(json.dumps({"item": it.id, **rec}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                bar.advance(task)
+                bar.advance(task, len(chunk))
     return summarise(out, cfg)
 
 
