@@ -62,6 +62,45 @@ class HFBackend:
             logits[..., self.banned.to(logits.device)] = float("-inf")
         return logits
 
+    @torch.no_grad()
+    def extend_tree(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Score K sibling tokens per row against the cache in one forward; return raw logits [B, K, V_all].
+
+        Every live candidate sits at the row's next position and sees the prefix and itself only (a
+        tree attention mask), so one forward replaces K forwards of K prefix copies. The slots are
+        added dead-until-accepted: call `accept_tree` to keep one candidate per row.
+        """
+        tokens, live = tokens.to(self.device), live.to(self.device)
+        B, K = tokens.shape
+        T = self.num_slots
+        visible = torch.zeros(B, 1, K, T + K, dtype=torch.bool, device=self.device)
+        visible[:, 0, :, :T] = self.slot_mask[:, None, :]
+        visible[:, 0, :, T:] = torch.eye(K, dtype=torch.bool, device=self.device)  # each candidate sees itself
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill(~visible, torch.finfo(dtype).min)
+        positions = self.lengths[:, None].expand(B, K)
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+                         use_cache=True)
+        self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
+        self.forwards += 1
+        self.tokens += int(live.sum())
+        for r, n in enumerate(live.sum(1).tolist()):
+            self.row_tokens[r] += n
+            self.row_forwards[r] += n > 0
+        return out.logits.float()
+
+    def accept_tree(self, row: int, slot: int) -> None:
+        """Keep the candidate at `slot` (from the last `extend_tree`) as the row's next token."""
+        self.slot_mask[row, slot] = True
+        self.lengths[row] += 1
+
+    def text_logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Cut raw logits to the tokenizer's vocabulary and mask banned ids."""
+        logits = raw[..., : self.vocab_size].clone()
+        if self.banned is not None:
+            logits[..., self.banned.to(logits.device)] = float("-inf")
+        return logits
+
     def kill_slots(self, row: int, start_slot: int) -> None:
         """Roll row back: every slot from `start_slot` on becomes dead."""
         killed = int(self.slot_mask[row, start_slot:].sum())

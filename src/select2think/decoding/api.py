@@ -8,6 +8,8 @@ from ..errors import S2TError
 from ..models.pair import ModelPair
 from .config import DecodeConfig
 from .fast import decode_draft_verify, decode_lazy
+from .local_loop import decode_local
+from .local_scorer import require_reserved
 from .loop import decode_reference
 from .policy import Policy
 from .state import DecodeStats, Generation, RowState
@@ -58,6 +60,8 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
 
 
 def path_for(cfg: DecodeConfig, policy: Policy) -> str:
+    if cfg.policy == "s2t-local":
+        return "local-tree" if cfg.fast else "local-reference"
     if not cfg.fast or cfg.policy in ("greedy", "sample", "llm"):
         return "reference"
     return "draft-verify" if policy.trigger.needs_llm else "lazy-llm"
@@ -94,6 +98,9 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
             for r in rows:  # the proposer was the LLM
                 g = r.gen
                 g.llm_forwards, g.llm_tokens, g.slm_forwards, g.slm_tokens = g.slm_forwards, g.slm_tokens, 0, 0
+        elif cfg.policy == "s2t-local":
+            rows, st = decode_local(pair.slm, pair.vocab_size, pair.banned_ids, require_reserved(pair), chunk,
+                                    policy, make_row, chunk_seeds, pad_id, k=cfg.k, fast=cfg.fast)
         elif path == "reference":
             rows, st = decode_reference(pair.slm, pair.llm if policy.needs_llm else None, *common)
         elif path == "draft-verify":

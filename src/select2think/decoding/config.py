@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from ..errors import S2TError
 
-POLICIES = ("greedy", "sample", "llm", "takeover", "s2t")
-DEFAULT_TRIGGER = {"greedy": "never", "sample": "never", "llm": "never", "takeover": "kl", "s2t": "kl"}
+POLICIES = ("greedy", "sample", "llm", "takeover", "s2t", "s2t-local")
+DEFAULT_TRIGGER = {"greedy": "never", "sample": "never", "llm": "never", "takeover": "kl", "s2t": "kl",
+                   "s2t-local": "entropy"}
 
 
 @dataclass
@@ -41,7 +42,9 @@ class DecodeConfig:
             raise S2TError(f"warmup must be >= 0, got {self.warmup}")
         if not 1 <= self.draft_len <= 256:
             raise S2TError(f"draft_len must be between 1 and 256, got {self.draft_len}")
-        if self.policy in ("takeover", "s2t") and self.trigger not in ("never", "always") and self.threshold is None:
+        if self.policy == "s2t-local" and self.trigger == "kl":
+            raise S2TError("s2t-local never runs the LLM: use an SLM-only trigger (entropy, margin, random, always)")
+        if self.policy in ("takeover", "s2t", "s2t-local") and self.trigger not in ("never", "always") and self.threshold is None:
             raise S2TError(f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold")
         self.stop = tuple(self.stop)
 

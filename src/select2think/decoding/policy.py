@@ -25,7 +25,7 @@ class Policy:
         base = Sampler(cfg.temperature, cfg.top_p, cfg.seed) if cfg.policy == "sample" else SLMTop1()
         selector = {"s2t": LLMRestrictedArgmax(cfg.k), "takeover": LLMArgmax()}.get(cfg.policy, base)
         trigger = make_trigger(cfg.trigger, cfg.reverse_kl, cfg.seed)
-        if cfg.policy in ("greedy", "sample", "llm"):
+        if cfg.policy in ("greedy", "sample", "llm"):  # s2t-local keeps its trigger; its selector is the scorer
             trigger = make_trigger("never")
         threshold = cfg.threshold if cfg.threshold is not None else 0.0
         return cls(trigger, selector, base, threshold, cfg.warmup, cfg.k)

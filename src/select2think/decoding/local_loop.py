@@ -1,0 +1,83 @@
+"""S2T-Local decoding: no LLM. At a triggered step the SLM's top-K candidates are scored by the
+reserved-token head in one tree forward against the prefix cache; the winner's cache slot and its
+next-token logits are kept, so the following step needs no extra forward.
+
+`fast=False` is the specification: candidates re-scored with K full prefix forwards (as the
+reference code does), then the chosen token fed normally.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..backends import HFBackend
+from .policy import Policy
+from .state import DecodeStats, RowState, left_pad, totals
+from .local_scorer import naive_scores, score_from_logits
+
+
+def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, make_row, row_seeds, pad_id,
+                 k: int, fast: bool = True) -> tuple[list[RowState], DecodeStats]:
+    t0 = time.perf_counter()
+    B = len(prompts)
+    slm = HFBackend(model, vocab_size, banned)
+    slm.reset(B)
+    rows = [make_row() for _ in range(B)]
+    ids, live = left_pad(prompts, pad_id)
+    s_logits = slm.extend(ids, live)[:, -1]
+    history = [list(p) for p in prompts]
+    while True:
+        active = [r for r in range(B) if not rows[r].done]
+        if not active:
+            break
+        idx = torch.tensor(active, device=s_logits.device)
+        s_lp = s_logits[idx].log_softmax(-1)
+        steps = torch.tensor([rows[r].step for r in active], device=s_lp.device)
+        keys = [(row_seeds[r], int(s)) for r, s in zip(active, steps.tolist())]
+        fired, _ = policy.fire(s_lp, None, steps, keys)
+        tokens = policy.base.select(s_lp, None, keys).clone()
+        cands = s_lp.topk(k, dim=-1).indices
+        new_logits = None
+        if fired.any() and fast:
+            feed = torch.full((B, k), pad_id, dtype=torch.long)
+            feed_live = torch.zeros((B, k), dtype=torch.bool)
+            for j, r in enumerate(active):
+                if fired[j]:
+                    feed[r], feed_live[r] = cands[j].cpu(), True
+                else:
+                    feed[r, 0], feed_live[r, 0] = int(tokens[j]), True
+            base_slot = slm.num_slots
+            raw = slm.extend_tree(feed, feed_live)
+            scores = score_from_logits(raw, reserved)  # [B, K]
+            text = slm.text_logits(raw)
+            new_logits = s_logits.clone()
+            for j, r in enumerate(active):
+                pick = int(scores[r].argmax()) if fired[j] else 0
+                if fired[j]:
+                    tokens[j] = cands[j, pick]
+                slm.accept_tree(r, base_slot + pick)
+                new_logits[r] = text[r, pick]
+        elif fired.any():
+            for j, r in enumerate(active):
+                if fired[j]:
+                    sc = naive_scores(model, history[r], cands[j].tolist(), reserved)
+                    tokens[j] = cands[j, int(sc.argmax())]
+        flips = tokens != s_lp.argmax(-1)
+        feed = torch.full((B, 1), pad_id, dtype=torch.long)
+        mask = torch.zeros((B, 1), dtype=torch.bool)
+        for j, r in enumerate(active):
+            t = int(tokens[j])
+            history[r].append(t)
+            if not rows[r].commit(t, bool(fired[j]), bool(flips[j]), None):
+                feed[r, 0], mask[r, 0] = t, True
+        if new_logits is not None:
+            s_logits = new_logits  # the tree forward already advanced every active row
+            continue
+        if not mask.any():
+            break
+        new = slm.extend(feed, mask)[:, -1]
+        s_logits = torch.where(mask.to(new.device), new, s_logits)
+    stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens)
+    return rows, totals(rows, stats, t0, slm, None)

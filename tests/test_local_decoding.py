@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from select2think import DecodeConfig, S2TError, generate
+from select2think.backends import HFBackend
+from select2think.decoding.calibrate import step_statistics
+from select2think.decoding.local_scorer import naive_scores, score_from_logits
+
+
+def test_tree_scores_equal_full_prefix_rescoring(tiny_pair):
+    prefix = [1, 504, 2201, 30, 17, 99]
+    cands = [11, 22, 33, 44, 55, 66, 77, 88]
+    b = HFBackend(tiny_pair.slm, tiny_pair.vocab_size)
+    b.reset(1)
+    b.extend(torch.tensor([prefix[:-1]]), torch.ones(1, len(prefix) - 1, dtype=torch.bool))
+    b.extend(torch.tensor([[prefix[-1]]]), torch.ones(1, 1, dtype=torch.bool))
+    base = b.num_slots
+    raw = b.extend_tree(torch.tensor([cands]), torch.ones(1, 8, dtype=torch.bool))
+    tree = score_from_logits(raw[0], tiny_pair.reserved_ids)
+    naive = naive_scores(tiny_pair.slm, prefix, cands, tiny_pair.reserved_ids)
+    assert torch.allclose(tree, naive, atol=1e-5)
+    assert 0.0 <= float(tree.min()) and float(tree.max()) <= 1.0
+    # keeping candidate 3 leaves the cache as if it had been fed normally
+    b.accept_tree(0, base + 3)
+    nxt = b.extend(torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.bool))[0, -1]
+    full = tiny_pair.slm(input_ids=torch.tensor([prefix + [cands[3], 5]])).logits[0, -1, : tiny_pair.vocab_size]
+    assert torch.allclose(nxt, full, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def entropy_threshold(tiny_pair):
+    return float(np.quantile(step_statistics(tiny_pair, ["Count to ten."], "entropy", max_new_tokens=30), 0.7))
+
+
+def test_local_tree_decoding_matches_reference_and_never_uses_the_llm(tiny_pair, entropy_threshold):
+    prompts = ["What is 2+2?", "Name a fruit.", "Hi"]
+    cfg = dict(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24)
+    ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
+    fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=1)
+    fast3 = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=3)
+    ids = lambda r: [g.token_ids for g in r.generations]
+    assert fast.path == "local-tree" and ref.path == "local-reference"
+    assert ids(fast) == ids(ref) == ids(fast3)
+    assert fast.stats.llm_forwards == 0 and fast.stats.llm_tokens == 0
+    assert fast.stats.triggers > 0 and fast.stats.flips > 0
+    greedy = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=24), batch_size=1)
+    # scoring rides on the forward that feeds the chosen token: at most one extra (a trigger on a final step)
+    assert fast.stats.slm_forwards <= greedy.stats.slm_forwards + len(prompts) < greedy.stats.slm_forwards + fast.stats.triggers
+
+
+def test_local_refuses_llm_trigger_and_missing_reserved_rows(tiny_pair):
+    with pytest.raises(S2TError, match="never runs the LLM"):
+        DecodeConfig(policy="s2t-local", trigger="kl", threshold=1.0)
+    from select2think.models.pair import ModelPair
+
+    bare = ModelPair(slm=tiny_pair.slm, tokenizer=tiny_pair.tokenizer, slm_name="x", reserved_ids=None)
+    with pytest.raises(S2TError, match="no 16 unused rows"):
+        generate(bare, ["hi"], DecodeConfig(policy="s2t-local", trigger="always", max_new_tokens=4))
