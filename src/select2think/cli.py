@@ -77,7 +77,7 @@ def generate(
     prompt: str = typer.Argument(..., help="the question"),
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id"),
     llm: Optional[str] = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
-    policy: str = typer.Option("greedy", help="greedy | sample | llm | takeover | s2t"),
+    policy: str = typer.Option("greedy", help="greedy | sample | llm | takeover | s2t | s2t-local"),
     k: int = typer.Option(8, help="S2T candidates: the SLM's top-K"),
     trigger: Optional[str] = typer.Option(None, help="never | always | kl | entropy | margin | random"),
     threshold: Optional[float] = typer.Option(None, help="fire when the statistic exceeds this"),
@@ -88,6 +88,7 @@ def generate(
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.95),
     seed: int = typer.Option(0),
+    adapter: Optional[str] = typer.Option(None, help="S2T-Local selector directory (policy s2t-local)"),
     reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast path"),
     no_chat_template: bool = typer.Option(False, help="feed the prompt raw"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
@@ -101,7 +102,7 @@ def generate(
 
     if not prompt.strip():
         raise S2TError("empty prompt")
-    trig = trigger or ("kl" if policy in ("s2t", "takeover") else "never")
+    trig = trigger or {"s2t": "kl", "takeover": "kl", "s2t-local": "entropy"}.get(policy, "never")
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
     cfg = DecodeConfig(policy=policy, k=k, trigger=trig, threshold=thr, reverse_kl=reverse_kl,
                        max_new_tokens=max_new_tokens, stop=tuple(stop), temperature=temperature, top_p=top_p,
@@ -109,6 +110,12 @@ def generate(
     if cfg.uses_llm and llm is None:
         raise S2TError(f"policy {policy!r} needs --llm")
     pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device)
+    if policy == "s2t-local":
+        if adapter is None:
+            raise S2TError("policy s2t-local needs --adapter (a selector from `s2t train`)")
+        from .local.train import apply_selector
+
+        apply_selector(pair, adapter)
     printed = [0]
 
     def stream(row):
@@ -219,6 +226,53 @@ def analyze(
     text = markdown(summary)
     Path(out, "summary.md").write_text(text)
     console.print(text)
+
+
+@app.command()
+def collect(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    llm: str = typer.Option("qwen2.5-coder-1.5b-instruct"),
+    dataset: str = typer.Option("gsm_symbolic:train", help="never a test split"),
+    limit: int = typer.Option(200),
+    threshold_file: str = typer.Option(..., help="kl thresholds from `s2t calibrate --quantile 0.90`"),
+    k: int = typer.Option(16, help="candidates per group"),
+    max_new_tokens: int = typer.Option(512),
+    batch_size: int = typer.Option(4),
+    out: str = typer.Option(..., help="groups directory (rerun to resume)"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+):
+    """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups."""
+    from .local.collect import CollectConfig, run_collect
+    from .local.train import load_groups
+
+    run_collect(CollectConfig(slm=slm, llm=llm, dataset=dataset, out=out, threshold_file=threshold_file, limit=limit,
+                              k=k, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, device=device))
+    console.print(f"{len(load_groups(out))} groups in {out}/groups.jsonl")
+
+
+@app.command()
+def train(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    groups: str = typer.Option(..., help="directory from `s2t collect`"),
+    out: str = typer.Option(..., help="selector directory (rerun to resume)"),
+    epochs: int = typer.Option(2),
+    lr: float = typer.Option(2e-4),
+    head_lr: float = typer.Option(1e-3),
+    lora_r: int = typer.Option(16),
+    max_groups: Optional[int] = typer.Option(None),
+    layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
+    dtype: str = typer.Option("fp32"),
+    device: str = DEVICE,
+):
+    """Train the S2T-Local selector: LoRA plus the 16 reserved lm_head rows."""
+    from .local.train import TrainConfig, run_train
+
+    res = run_train(TrainConfig(slm=slm, groups=groups, out=out, epochs=epochs, lr=lr, head_lr=head_lr, lora_r=lora_r,
+                                max_groups=max_groups, layout=layout, dtype=dtype, device=device))
+    for h in res["history"]:
+        console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, val Agree@1 {h['agree_at_1']:.1%}, "
+                      f"Spearman {h['spearman']:.3f} ({h['n']} groups)")
 
 
 @app.command()

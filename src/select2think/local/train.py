@@ -1,0 +1,238 @@
+"""`s2t train`: LoRA + the 16 reserved lm_head rows learn to score candidates like the LLM.
+
+Each group is one prefix plus K candidate tokens laid out as a tree (every candidate at the prefix's
+next position, seeing the prefix and itself), so one forward scores all K; `layout="naive"` builds
+K copies of the prefix instead and exists to measure the difference.
+
+loss = CE(softmax(scores / T), LLM's best) + hinge(best - best negative) + KL(LLM || softmax(scores / T))
+       + 0.1 * KL(adapted || base) on the text vocabulary (base = the same model, adapter disabled)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..decoding.local_scorer import score_from_logits
+from ..errors import S2TError
+from ..eval.runner import read_lines
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    slm: str
+    groups: str
+    out: str
+    epochs: int = 2
+    lr: float = 2e-4
+    head_lr: float = 1e-3
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    temperature: float = 0.1
+    margin: float = 0.1
+    w_ce: float = 1.0
+    w_hinge: float = 1.0
+    w_list: float = 1.0
+    w_base: float = 0.1
+    val_fraction: float = 0.1
+    max_groups: int | None = None
+    seed: int = 0
+    layout: str = "tree"
+    dtype: str = "fp32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.layout not in ("tree", "naive"):
+            raise S2TError(f"layout must be tree or naive, got {self.layout!r}")
+        if self.epochs < 1:
+            raise S2TError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def tree_batch(context: list[int], cands: list[int], device, dtype):
+    """input_ids [1, L+K], position_ids [1, L+K] and an additive 4D mask [1, 1, L+K, L+K]."""
+    L, K = len(context), len(cands)
+    ids = torch.tensor([context + cands], device=device)
+    pos = torch.tensor([list(range(L)) + [L] * K], device=device)
+    vis = torch.zeros(L + K, L + K, dtype=torch.bool, device=device)
+    vis[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    vis[L:, :L] = True
+    vis[L:, L:] = torch.eye(K, dtype=torch.bool, device=device)
+    mask = torch.zeros(1, 1, L + K, L + K, dtype=dtype, device=device).masked_fill(~vis, torch.finfo(dtype).min)
+    return ids, pos, mask
+
+
+def candidate_logits(model, context: list[int], cands: list[int], layout: str = "tree") -> torch.Tensor:
+    """Raw logits [K, V_all] at each candidate's position."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if layout == "tree":
+        ids, pos, mask = tree_batch(context, cands, device, dtype)
+        return model(input_ids=ids, position_ids=pos, attention_mask=mask).logits[0, len(context):].float()
+    batch = torch.tensor([context + [c] for c in cands], device=device)
+    return model(input_ids=batch).logits[:, -1].float()
+
+
+def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
+    raw = candidate_logits(model, group["context"], group["candidates"], cfg.layout)
+    scores = score_from_logits(raw, reserved)
+    q = torch.tensor(group["llm_probs"], device=scores.device)
+    q = q / q.sum()
+    best = int(q.argmax())
+    logit = scores / cfg.temperature
+    ce = -logit.log_softmax(-1)[best]
+    others = torch.cat([scores[:best], scores[best + 1:]])
+    hinge = torch.relu(cfg.margin - (scores[best] - others.max()))
+    listwise = (q * (q.clamp_min(1e-12).log() - logit.log_softmax(-1))).sum()
+    loss = cfg.w_ce * ce + cfg.w_hinge * hinge + cfg.w_list * listwise
+    if cfg.w_base > 0:
+        text = raw[:, :vocab_size].log_softmax(-1)
+        with torch.no_grad(), model.disable_adapter():
+            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[:, :vocab_size].log_softmax(-1)
+        loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
+    return loss, scores.detach(), q
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().float()
+    rb = b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den else 0.0
+
+
+def load_groups(groups_dir: str | Path, max_groups: int | None = None) -> list[dict]:
+    path = Path(groups_dir) / "groups.jsonl"
+    if not path.is_file():
+        raise S2TError(f"no groups.jsonl in {groups_dir}: run `s2t collect` first")
+    groups = [dict(g, item=r["item"]) for r in read_lines(path) for g in r["groups"]]
+    if not groups:
+        raise S2TError(f"{path} holds no groups")
+    return groups[:max_groups] if max_groups else groups
+
+
+def prepare_model(slm_model, reserved, cfg: TrainConfig):
+    """Wrap in LoRA; make only the reserved lm_head rows trainable besides it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(slm_model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=LORA_TARGETS, bias="none"))
+    head = model.get_output_embeddings().weight
+    head.requires_grad_(True)
+    row_mask = torch.zeros(head.shape[0], 1, device=head.device, dtype=head.dtype)
+    row_mask[list(reserved)] = 1
+    head.register_hook(lambda g: g * row_mask)  # every other row (and tied input embeddings) stays frozen
+    return model, head
+
+
+def save_selector(model, head, reserved, out: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, save_embedding_layers=False)
+    save_file({"reserved_ids": torch.tensor(reserved), "weight": head.detach()[list(reserved)].float().contiguous()},
+              out / "reserved_rows.safetensors")
+    (out / "selector.json").write_text(json.dumps(meta, indent=2))
+
+
+def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
+    agree, rhos = 0, []
+    model.eval()
+    with torch.no_grad():
+        for g in groups:
+            raw = candidate_logits(model, g["context"], g["candidates"], cfg.layout)
+            s = score_from_logits(raw, reserved)
+            q = torch.tensor(g["llm_probs"], device=s.device)
+            agree += int(s.argmax() == q.argmax())
+            rhos.append(spearman(s, q))
+    model.train()
+    return {"agree_at_1": agree / max(len(groups), 1), "spearman": sum(rhos) / max(len(rhos), 1), "n": len(groups)}
+
+
+def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
+    from rich.progress import Progress
+
+    from ..models.pair import load_pair
+
+    groups = load_groups(cfg.groups, cfg.max_groups)
+    pair = load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device)
+    if not pair.reserved_ids:
+        raise S2TError(f"{cfg.slm} has no reserved ids for the score head")
+    reserved = pair.reserved_ids
+    items = sorted({g["item"] for g in groups})
+    rng = random.Random(cfg.seed)
+    val_items = set(rng.sample(items, max(1, int(len(items) * cfg.val_fraction)))) if len(items) > 1 else set()
+    train = [g for g in groups if g["item"] not in val_items]
+    val = [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
+    torch.manual_seed(cfg.seed)
+    model, head = prepare_model(pair.slm, reserved, cfg)
+    model.train()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and p is not head]
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
+                             {"params": [head], "lr": cfg.head_lr, "weight_decay": 0.0}])
+    out = Path(cfg.out)
+    state_path = out / "train_state.pt"
+    start_epoch, history = 0, []
+    if state_path.is_file():  # resume
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = torch.load(state_path, weights_only=False)
+        set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
+        rows = load_file(out / "reserved_rows.safetensors")
+        with torch.no_grad():
+            head[list(reserved)] = rows["weight"].to(head.dtype)
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+    t0 = time.perf_counter()
+    with Progress(disable=not progress) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            order = list(range(len(train)))
+            random.Random(cfg.seed + epoch).shuffle(order)
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(order))
+            total = 0.0
+            for i in order:
+                loss, _, _ = group_loss(model, train[i], reserved, pair.vocab_size, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                bar.advance(task)
+            metrics = evaluate(model, val, reserved, pair.vocab_size, cfg)
+            history.append({"epoch": epoch + 1, "train_loss": total / max(len(order), 1), **metrics})
+            meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "config": asdict(cfg), "history": history,
+                    "train_groups": len(train), "val_groups": len(val)}
+            save_selector(model, head, reserved, out, meta)
+            torch.save({"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}, state_path)
+    return {"history": history, "seconds": time.perf_counter() - t0}
+
+
+def apply_selector(pair, path: str | Path):
+    """Load a trained selector into the pair's SLM (LoRA merged, reserved rows set): coupled mode."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise S2TError(f"{path} is not a selector from `s2t train` (no adapter_config.json)")
+    meta = json.loads((path / "selector.json").read_text())
+    if meta.get("slm") != pair.slm_name:
+        raise S2TError(f"selector {path} was trained for {meta.get('slm')!r}, not {pair.slm_name!r}")
+    rows = load_file(path / "reserved_rows.safetensors")
+    reserved = tuple(int(i) for i in rows["reserved_ids"].tolist())
+    if reserved != tuple(pair.reserved_ids or ()):
+        raise S2TError(f"selector {path} uses reserved ids {reserved[:2]}..., the pair has {pair.reserved_ids}")
+    model = PeftModel.from_pretrained(pair.slm, path).merge_and_unload()
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[list(reserved)] = rows["weight"].to(head.dtype).to(head.device)
+    pair.slm = model.eval()
+    return pair

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from select2think import DecodeConfig, generate, load_pair
+from select2think.decoding.calibrate import calibrate
+from select2think.local.collect import CollectConfig, run_collect
+from select2think.local.train import TrainConfig, apply_selector, candidate_logits, load_groups, run_train
+
+
+@pytest.fixture(scope="module")
+def collected(tiny_pair, tmp_path_factory):
+    d = tmp_path_factory.mktemp("collect")
+    cal = calibrate(tiny_pair, ["Count to ten.", "Name a color."], "kl", 0.7, max_new_tokens=24)
+    cal.save(d / "kl.json")
+    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="gsm_symbolic:train", out=str(d / "groups"),
+                        threshold_file=str(d / "kl.json"), limit=4, max_new_tokens=20, dtype="fp32", device="cpu")
+    run_collect(cfg, progress=False)
+    return d
+
+
+def test_collect_writes_groups_and_features_and_refuses_test_sets(collected):
+    groups = load_groups(collected / "groups")
+    assert len(groups) > 4
+    g = groups[0]
+    assert len(g["candidates"]) == 16 and len(g["llm_probs"]) == 16 and len(g["context"]) <= 511
+    assert all(0 <= p <= 1 for p in g["llm_probs"])
+    feats = list((collected / "groups" / "features").glob("*.npz"))
+    assert len(feats) == 4
+    from select2think import S2TError
+
+    with pytest.raises(S2TError, match="test split"):
+        run_collect(CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="gsm8k", out=str(collected / "x"),
+                                  threshold_file=str(collected / "kl.json")), progress=False)
+
+
+def test_tree_layout_equals_naive_layout(tiny_pair):
+    ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30, 40]
+    tree = candidate_logits(tiny_pair.slm, ctx, cands, "tree")
+    naive = candidate_logits(tiny_pair.slm, ctx, cands, "naive")
+    assert torch.allclose(tree, naive, atol=1e-4)
+
+
+def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_path):
+    out = tmp_path / "sel"
+    cfg = TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=12,
+                      dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2)
+    first = run_train(cfg, progress=False)
+    assert len(first["history"]) == 1 and 0 <= first["history"][0]["agree_at_1"] <= 1
+    meta = json.loads((out / "selector.json").read_text())
+    assert meta["reserved_ids"] == list(range(49152, 49168))
+    assert (out / "adapter_model.safetensors").stat().st_size < 20e6
+    cfg.epochs = 2
+    second = run_train(cfg, progress=False)  # resumes at epoch 2
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    before = pair.slm.lm_head.weight.detach().clone()
+    embed_before = pair.slm.model.embed_tokens.weight.detach().clone()
+    apply_selector(pair, out)
+    after = pair.slm.lm_head.weight.detach()
+    changed = (after != before).any(-1).nonzero().flatten().tolist()
+    assert changed == list(range(49152, 49168))  # only the reserved rows of the head moved
+    assert torch.equal(pair.slm.model.embed_tokens.weight, embed_before)
+    r = generate(pair, ["What is 2+2?"], DecodeConfig(policy="s2t-local", trigger="always", max_new_tokens=8))
+    assert r.stats.llm_forwards == 0 and r.stats.triggers == 8 - 3
