@@ -65,3 +65,24 @@ def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_p
     assert torch.equal(pair.slm.model.embed_tokens.weight, embed_before)
     r = generate(pair, ["What is 2+2?"], DecodeConfig(policy="s2t-local", trigger="always", max_new_tokens=8))
     assert r.stats.llm_forwards == 0 and r.stats.triggers == 8 - 3
+
+
+def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tiny_pair):
+    from select2think.cli import main
+    from select2think.eval.runner import read_lines
+
+    sel = tmp_path / "sel"
+    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(sel), epochs=1, max_groups=4,
+                          dtype="fp32", device="cpu"), progress=False)
+    calibrate(tiny_pair, ["Count to ten."], "entropy", 0.5, max_new_tokens=20).save(tmp_path / "ent.json")
+    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm_symbolic:dev", "--limit", "2", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--device", "cpu"]
+    assert main(base + ["--policy", "greedy", "--out", str(tmp_path / "g")]) == 0
+    assert main(base + ["--policy", "greedy", "--policy", f"s2t-local={sel},{tmp_path / 'ent.json'}",
+                        "--out", str(tmp_path / "both")]) == 0
+    alone = {r["item"]: r["prediction"] for r in read_lines(tmp_path / "g" / "results.shard0of1.jsonl")}
+    both = read_lines(tmp_path / "both" / "results.shard0of1.jsonl")
+    assert {r["item"]: r["prediction"] for r in both if r["policy"] == "greedy"} == alone
+    local = [r for r in both if r["policy"].startswith("s2t-local")]
+    assert len(local) == 2 and all(r["stats"]["llm_forwards"] == 0 for r in local)
+    assert sum(r["stats"]["triggers"] for r in local) > 0

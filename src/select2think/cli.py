@@ -179,7 +179,7 @@ def eval_cmd(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
     llm: Optional[str] = typer.Option(None, help="needed by llm, takeover and s2t"),
     dataset: str = typer.Option("gsm8k", help="gsm8k | aime2025 | gsm_symbolic:SPLIT | hf:NAME[:CONFIG]:SPLIT | FILE.jsonl"),
-    policy: List[str] = typer.Option(["greedy"], help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json (repeatable)"),
+    policy: List[str] = typer.Option(["greedy"], help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json (repeatable)"),
     limit: Optional[int] = typer.Option(None),
     offset: int = typer.Option(0),
     shard: str = typer.Option("0/1", help="i/n: this process takes items i, i+n, ..."),

@@ -23,7 +23,7 @@ from .grading import extract_answer, is_correct
 from .prompts import math_prompt
 from .vote import majority, pass_at_k
 
-BASE_POLICIES = ("greedy", "sample", "llm", "takeover", "s2t")
+BASE_POLICIES = ("greedy", "sample", "llm", "takeover", "s2t", "s2t-local")
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,13 @@ class PolicySpec:
     policy: str  # a decoding policy
     samples: int = 1  # > 1: maj@k over sampled trajectories (pass@k recorded beside it)
     threshold_file: str | None = None
+    adapter: str | None = None  # s2t-local's selector directory
+    trigger: str | None = None  # the trigger the threshold file was calibrated for
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`."""
+    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`,
+    `s2t-local=SELECTOR_DIR,entropy.json` (a selector and an SLM-only trigger's thresholds)."""
     name, _, file = text.partition("=")
     if name.startswith(("maj@", "pass@")):
         try:
@@ -47,10 +50,18 @@ def parse_policy(text: str) -> PolicySpec:
         return PolicySpec(f"maj@{k}", "sample", k)
     if name not in BASE_POLICIES:
         raise S2TError(f"unknown policy {name!r}: use one of {', '.join(BASE_POLICIES)}, maj@K, pass@K")
+    if name == "s2t-local":
+        adapter, _, thr = file.partition(",")
+        if not adapter or not thr:
+            raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR,THRESHOLDS.json")
+        trigger = json.loads(Path(thr).read_text()).get("trigger") if Path(thr).is_file() else None
+        if trigger is None:
+            raise S2TError(f"threshold file not found or not from `s2t calibrate`: {thr}")
+        return PolicySpec(f"s2t-local[{Path(adapter).name}]", name, 1, thr, adapter, trigger)
     if name in ("s2t", "takeover"):
         if not file:
             raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")
-        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file)
+        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file, None, "kl")
     return PolicySpec(name, name)
 
 
@@ -155,7 +166,7 @@ COST_KEYS = ("generated_tokens", "slm_forwards", "llm_forwards", "slm_tokens", "
 
 def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None) -> list[dict]:
     """Decode a batch of items (spec.samples rows each) and grade them; one result dict per item."""
-    dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger="kl" if spec.policy in ("s2t", "takeover") else None,
+    dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger=spec.trigger,
                         threshold=threshold, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_p=cfg.top_p, seed=cfg.seed)
     prompts = [math_prompt(it.question) for it in items for _ in range(spec.samples)]
@@ -199,7 +210,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         raise S2TError("these policies need --llm")
     pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device)
     _write_config(cfg, out, pair, specs)
-    thresholds = {s.label: load_threshold(s.threshold_file, "kl", cfg.slm, cfg.llm) for s in specs if s.threshold_file}
+    thresholds = {s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file}
+    pairs = {s.label: pair for s in specs}
+    for s in specs:
+        if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
+            from ..local.train import apply_selector
+
+            pairs[s.label] = apply_selector(load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device), s.adapter)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -211,7 +228,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
                 per_batch = max(1, cfg.batch_size // spec.samples)
                 for start in range(0, len(pending), per_batch):
                     chunk = pending[start : start + per_batch]
-                    for row in run_policy_on_items(pair, spec, cfg, chunk, thresholds.get(spec.label)):
+                    for row in run_policy_on_items(pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label)):
                         f.write(json.dumps(row) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
