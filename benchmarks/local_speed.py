@@ -1,0 +1,89 @@
+"""S2T-Local costs: decoding time vs greedy, and training layout (tree vs K prefix copies).
+
+    .venv/bin/python benchmarks/local_speed.py --n 5 --out runs/bench_local
+
+Decoding: greedy and s2t-local (entropy trigger at quantile 0.90 calibrated on gsm_symbolic:calib)
+on the same GSM8K problems, one after the other per problem; compared per generated token, since
+an untrained selector changes answer lengths. The selector's weights do not change its cost.
+Training: forward + backward of one K = 16 group with a 511-token context in both layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from select2think import DecodeConfig, generate, load_pair
+from select2think.decoding.calibrate import calibrate, load_threshold
+from select2think.eval.datasets import load_dataset, load_gsm_symbolic
+from select2think.eval.prompts import math_prompt
+from select2think.local.train import TrainConfig, group_loss, prepare_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", default="runs/bench_local")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+
+    pair = load_pair(args.slm, None, dtype="bf16")
+    thr_file = out / "entropy_q0.9.json"
+    if not thr_file.is_file():
+        calib = load_gsm_symbolic("calib", limit=8)
+        calibrate(pair, [math_prompt(i.question) for i in calib.items], "entropy", 0.90,
+                  dataset="gsm_symbolic:calib", max_new_tokens=args.max_new_tokens).save(thr_file)
+    thr = load_threshold(thr_file, "entropy", args.slm, None)
+    totals = {"greedy": [0.0, 0], "s2t-local": [0.0, 0]}
+    triggers = 0
+    for item in load_dataset("gsm8k").take(args.n):
+        for name, cfg in (("greedy", DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens)),
+                          ("s2t-local", DecodeConfig(policy="s2t-local", trigger="entropy", threshold=thr, k=8,
+                                                     max_new_tokens=args.max_new_tokens))):
+            r = generate(pair, [math_prompt(item.question)], cfg)
+            totals[name][0] += r.stats.wall_time_s
+            totals[name][1] += r.stats.generated_tokens
+            if name == "s2t-local":
+                triggers += r.stats.triggers
+                assert r.stats.llm_forwards == 0
+    per_tok = {k: v[0] / max(v[1], 1) for k, v in totals.items()}
+    result["decode"] = {"n": args.n, "tokens": {k: v[1] for k, v in totals.items()},
+                        "trigger_rate": triggers / max(totals["s2t-local"][1], 1),
+                        "time_per_token_ratio_local_over_greedy": per_tok["s2t-local"] / per_tok["greedy"],
+                        "wall_ratio_local_over_greedy": totals["s2t-local"][0] / totals["greedy"][0]}
+    print(json.dumps(result, indent=2), flush=True)
+
+    train_pair = load_pair(args.slm, None, dtype="fp32")
+    cfg = TrainConfig(slm=args.slm, groups="", out="")
+    model, head = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
+    ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))["input_ids"]
+    group = {"context": ids[:511], "candidates": list(range(1000, 1016)), "llm_probs": [1 / 16] * 16}
+    times = {}
+    for layout in ("tree", "naive"):
+        cfg.layout = layout
+        spent = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            spent.append(time.perf_counter() - t)
+        times[layout] = min(spent)
+    result["train"] = {"K": 16, "context": 511, "seconds_per_group": times,
+                       "speedup_tree_over_naive": times["naive"] / times["tree"]}
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
