@@ -16,7 +16,7 @@ import torch
 
 from ..backends import HFBackend
 from .policy import Policy
-from .state import DecodeStats, RowState, left_pad, totals
+from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
 
 
 class _LazyLLM:
@@ -157,32 +157,18 @@ def decode_lazy(slm_model, llm_model, tokenizer, vocab_size, banned, prompts, po
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
     s_logits = slm.extend(ids, live)[:, -1]
-    while True:
-        active = [r for r in range(B) if not rows[r].done]
-        if not active:
-            break
-        idx = torch.tensor(active, device=s_logits.device)
-        s_lp = s_logits[idx].log_softmax(-1)
-        steps = torch.tensor([rows[r].step for r in active], device=s_lp.device)
-        keys = [(row_seeds[r], int(s)) for r, s in zip(active, steps.tolist())]
-        fired, _ = policy.fire(s_lp, None, steps, keys)
+    while (view := active_view(rows, s_logits, row_seeds)) is not None:
+        s_lp = view.slm_logp
+        fired, _ = policy.fire(s_lp, None, view.steps, view.keys)
         l_lp = None
         if fired.any():
             l_rows, _ = llm.forward([[] for _ in range(B)])
-            l_lp = torch.stack([l_rows[r][-1] for r in active]).log_softmax(-1)
-        tokens = policy.choose(s_lp, l_lp, fired, keys)
-        flips = tokens != s_lp.argmax(-1)
+            l_lp = torch.stack([l_rows[r][-1] for r in view.active]).log_softmax(-1)
+        tokens = policy.choose(s_lp, l_lp, fired, view.keys)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
-        feed = torch.full((B, 1), pad_id, dtype=torch.long)
-        mask = torch.zeros((B, 1), dtype=torch.bool)
-        for j, r in enumerate(active):
-            f = bool(fired[j])
-            t = int(tokens[j])
-            if rows[r].commit(t, f, bool(flips[j]), bool(hits[j]) if (f and hits is not None) else None):
-                llm.pending[r] = []  # a finished row never needs the LLM again
-            else:
-                llm.pending[r].append(t)
-                feed[r, 0], mask[r, 0] = t, True
+        feed, mask = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, pad_id)
+        for j, r in enumerate(view.active):  # the LLM catches up on these tokens at its next trigger
+            llm.pending[r] = llm.pending[r] + [int(tokens[j])] if mask[r, 0] else []
         if not mask.any():
             break
         new = slm.extend(feed, mask)[:, -1]

@@ -14,7 +14,7 @@ import torch
 
 from ..backends import HFBackend
 from .policy import Policy
-from .state import DecodeStats, RowState, left_pad, totals
+from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
 from .local_scorer import naive_scores, score_from_logits
 
 
@@ -28,16 +28,10 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
     ids, live = left_pad(prompts, pad_id)
     s_logits = slm.extend(ids, live)[:, -1]
     history = [list(p) for p in prompts]
-    while True:
-        active = [r for r in range(B) if not rows[r].done]
-        if not active:
-            break
-        idx = torch.tensor(active, device=s_logits.device)
-        s_lp = s_logits[idx].log_softmax(-1)
-        steps = torch.tensor([rows[r].step for r in active], device=s_lp.device)
-        keys = [(row_seeds[r], int(s)) for r, s in zip(active, steps.tolist())]
-        fired, _ = policy.fire(s_lp, None, steps, keys)
-        tokens = policy.base.select(s_lp, None, keys).clone()
+    while (view := active_view(rows, s_logits, row_seeds)) is not None:
+        active, s_lp = view.active, view.slm_logp
+        fired, _ = policy.fire(s_lp, None, view.steps, view.keys)
+        tokens = policy.base.select(s_lp, None, view.keys).clone()
         cands = s_lp.topk(k, dim=-1).indices
         new_logits = None
         if fired.any() and fast:
@@ -64,14 +58,9 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
                 if fired[j]:
                     sc = naive_scores(model, history[r], cands[j].tolist(), reserved)
                     tokens[j] = cands[j, int(sc.argmax())]
-        flips = tokens != s_lp.argmax(-1)
-        feed = torch.full((B, 1), pad_id, dtype=torch.long)
-        mask = torch.zeros((B, 1), dtype=torch.bool)
         for j, r in enumerate(active):
-            t = int(tokens[j])
-            history[r].append(t)
-            if not rows[r].commit(t, bool(fired[j]), bool(flips[j]), None):
-                feed[r, 0], mask[r, 0] = t, True
+            history[r].append(int(tokens[j]))
+        feed, mask = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), None, pad_id)
         if new_logits is not None:
             s_logits = new_logits  # the tree forward already advanced every active row
             continue

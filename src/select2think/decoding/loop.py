@@ -11,11 +11,7 @@ import torch
 
 from ..backends import HFBackend
 from .policy import Policy
-from .state import DecodeStats, RowState, left_pad, totals
-
-
-def _keys(row_seeds, rows, steps):
-    return [(row_seeds[r], s) for r, s in zip(rows, steps)]
+from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
 
 
 def decode_reference(proposer, llm, tokenizer, vocab_size, banned, prompts, policy: Policy, make_row,
@@ -33,27 +29,13 @@ def decode_reference(proposer, llm, tokenizer, vocab_size, banned, prompts, poli
     ids, live = left_pad(prompts, pad_id)
     s_logits = slm.extend(ids, live)[:, -1]
     l_logits = big.extend(ids, live)[:, -1] if big else None
-    while True:
-        active = [r for r in range(B) if not rows[r].done]
-        if not active:
-            break
-        idx = torch.tensor(active, device=s_logits.device)
-        s_lp = s_logits[idx].log_softmax(-1)
-        l_lp = l_logits[idx].log_softmax(-1) if big else None
-        steps = torch.tensor([rows[r].step for r in active], device=s_lp.device)
-        keys = _keys(row_seeds, active, steps.tolist())
-        fired, _ = policy.fire(s_lp, l_lp, steps, keys)
-        tokens = policy.choose(s_lp, l_lp, fired, keys)
-        flips = tokens != s_lp.argmax(-1)
+    while (view := active_view(rows, s_logits, row_seeds)) is not None:
+        s_lp = view.slm_logp
+        l_lp = l_logits[view.idx].log_softmax(-1) if big else None
+        fired, _ = policy.fire(s_lp, l_lp, view.steps, view.keys)
+        tokens = policy.choose(s_lp, l_lp, fired, view.keys)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
-        feed = torch.full((B, 1), pad_id, dtype=torch.long)
-        feed_live = torch.zeros((B, 1), dtype=torch.bool)
-        for j, r in enumerate(active):
-            f = bool(fired[j])
-            hit = bool(hits[j]) if (f and hits is not None) else None
-            if not rows[r].commit(int(tokens[j]), f, bool(flips[j]), hit):
-                feed[r, 0] = int(tokens[j])
-                feed_live[r, 0] = True
+        feed, feed_live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, pad_id)
         if not feed_live.any():
             break
         s_logits = slm.extend(feed, feed_live)[:, -1]

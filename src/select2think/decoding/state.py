@@ -142,3 +142,39 @@ def totals(rows: list[RowState], stats: DecodeStats, t0: float, slm=None, llm=No
         stats.hit_checked += g.hit_checked
     stats.wall_time_s = time.perf_counter() - t0
     return stats
+
+
+@dataclass
+class StepView:
+    """The rows still decoding at one step: their SLM log-probs [N, V], step indices [N] and seed keys."""
+
+    active: list[int]
+    idx: torch.Tensor
+    slm_logp: torch.Tensor
+    steps: torch.Tensor
+    keys: list
+
+
+def active_view(rows: list[RowState], s_logits: torch.Tensor, row_seeds) -> StepView | None:
+    active = [r for r in range(len(rows)) if not rows[r].done]
+    if not active:
+        return None
+    idx = torch.tensor(active, device=s_logits.device)
+    s_lp = s_logits[idx].log_softmax(-1)
+    steps = [rows[r].step for r in active]
+    keys = [(row_seeds[r], s) for r, s in zip(active, steps)]
+    return StepView(active, idx, s_lp, torch.tensor(steps, device=s_lp.device), keys)
+
+
+def commit_step(rows: list[RowState], view: StepView, tokens, fired, flips, hits, pad_id: int):
+    """Commit one token per active row; return the feed [B, 1] and live mask [B, 1] for rows that go on."""
+    B = len(rows)
+    feed = torch.full((B, 1), pad_id, dtype=torch.long)
+    live = torch.zeros((B, 1), dtype=torch.bool)
+    for j, r in enumerate(view.active):
+        f = bool(fired[j])
+        hit = bool(hits[j]) if (f and hits is not None) else None
+        t = int(tokens[j])
+        if not rows[r].commit(t, f, bool(flips[j]), hit):
+            feed[r, 0], live[r, 0] = t, True
+    return feed, live
