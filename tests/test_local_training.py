@@ -86,3 +86,23 @@ def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tin
     local = [r for r in both if r["policy"].startswith("s2t-local")]
     assert len(local) == 2 and all(r["stats"]["llm_forwards"] == 0 for r in local)
     assert sum(r["stats"]["triggers"] for r in local) > 0
+
+
+def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collected, tiny_pair, tmp_path):
+    from select2think.decoding.calibrate import load_threshold
+    from select2think.local.trigger_head import load_learned_trigger, train_trigger_head
+
+    path = tmp_path / "learned.json"
+    metrics = train_trigger_head(collected / "groups", path, "tiny-slm", epochs=50)
+    assert {"learned", "entropy", "margin"} <= set(metrics)
+    assert all(0 <= metrics[m]["precision"] <= 1 and 0 <= metrics[m]["recall"] <= 1 for m in ("learned", "entropy"))
+    head = load_learned_trigger(path)
+    thr = load_threshold(path, "learned", "tiny-slm", None)
+    cfg = dict(policy="s2t-local", trigger="learned", threshold=thr, max_new_tokens=16)
+    prompts = ["What is 2+2?", "Name a fruit."]
+    fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), trigger=head, batch_size=2)
+    ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **cfg), trigger=head, batch_size=1)
+    assert [g.token_ids for g in fast.generations] == [g.token_ids for g in ref.generations]
+    assert fast.stats.llm_forwards == 0
+    with pytest.raises(Exception, match="train-trigger"):
+        generate(tiny_pair, prompts, DecodeConfig(**cfg))

@@ -79,7 +79,7 @@ def generate(
     llm: Optional[str] = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
     policy: str = typer.Option("greedy", help="greedy | sample | llm | takeover | s2t | s2t-local"),
     k: int = typer.Option(8, help="S2T candidates: the SLM's top-K"),
-    trigger: Optional[str] = typer.Option(None, help="never | always | kl | entropy | margin | random"),
+    trigger: Optional[str] = typer.Option(None, help="never | always | kl | entropy | margin | random | learned"),
     threshold: Optional[float] = typer.Option(None, help="fire when the statistic exceeds this"),
     threshold_file: Optional[str] = typer.Option(None, help="JSON from `s2t calibrate`"),
     reverse_kl: bool = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)"),
@@ -124,7 +124,14 @@ def generate(
         sys.stdout.flush()
         printed[0] = len(text)
 
-    result = run(pair, [prompt], cfg, on_commit=None if as_json else stream)
+    head = None
+    if trig == "learned":
+        from .local.trigger_head import load_learned_trigger
+
+        head = load_learned_trigger(threshold_file) if threshold_file else None
+        if head is None:
+            raise S2TError("--trigger learned needs --threshold-file (from `s2t train-trigger`)")
+    result = run(pair, [prompt], cfg, on_commit=None if as_json else stream, trigger=head)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -273,6 +280,19 @@ def train(
     for h in res["history"]:
         console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, val Agree@1 {h['agree_at_1']:.1%}, "
                       f"Spearman {h['spearman']:.3f} ({h['n']} groups)")
+
+
+@app.command("train-trigger")
+def train_trigger(
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
+    groups: str = typer.Option(..., help="directory from `s2t collect`"),
+    out: str = typer.Option(..., help="JSON to write (usable as --threshold-file with --trigger learned)"),
+):
+    """Train the learned trigger (no LLM at inference) and compare it with entropy and margin."""
+    from .local.trigger_head import train_trigger_head
+
+    metrics = train_trigger_head(groups, out, slm)
+    console.print_json(json.dumps(metrics))
 
 
 @app.command()

@@ -18,6 +18,8 @@ class HFBackend:
         self.vocab_size = vocab_size
         self.banned = torch.tensor(banned_ids, dtype=torch.long) if banned_ids else None
         self.device = next(model.parameters()).device
+        self.want_hidden = False  # keep the final hidden states of the last forward (learned trigger)
+        self.last_hidden: torch.Tensor | None = None
         self.forwards = 0  # model calls
         self.tokens = 0  # live tokens processed
         self.reset(0)
@@ -49,7 +51,9 @@ class HFBackend:
             position_ids=positions,
             cache=self.cache,
             use_cache=True,
+            output_hidden_states=self.want_hidden,
         )
+        self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
         self.forwards += 1
@@ -80,7 +84,8 @@ class HFBackend:
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill(~visible, torch.finfo(dtype).min)
         positions = self.lengths[:, None].expand(B, K)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                         use_cache=True)
+                         use_cache=True, output_hidden_states=self.want_hidden)
+        self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
         self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
         self.forwards += 1
         self.tokens += int(live.sum())

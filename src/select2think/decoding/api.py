@@ -69,14 +69,14 @@ def path_for(cfg: DecodeConfig, policy: Policy) -> str:
 
 def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | None = None,
              batch_size: int = 8, row_seeds: list | None = None, prompt_ids: list[list[int]] | None = None,
-             on_commit=None, **overrides) -> GenerateResult:
+             on_commit=None, trigger=None, **overrides) -> GenerateResult:
     """Decode `prompts` with the configured policy. Batched output equals unbatched output."""
     cfg = config or DecodeConfig(**overrides)
     if isinstance(prompts, str):
         prompts = [prompts]
     if cfg.uses_llm:
         pair.require_llm()
-    policy = Policy.from_config(cfg)
+    policy = Policy.from_config(cfg, trigger)  # `trigger`: a ready object (e.g. a learned head)
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
     seeds = row_seeds if row_seeds is not None else list(range(len(encoded)))
     eos = eos_ids(pair, cfg.extra_eos)

@@ -24,13 +24,16 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
     B = len(prompts)
     slm = HFBackend(model, vocab_size, banned)
     slm.reset(B)
+    slm.want_hidden = policy.trigger.needs_hidden
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
     s_logits = slm.extend(ids, live)[:, -1]
+    hidden = slm.last_hidden[:, -1] if slm.want_hidden else None
     history = [list(p) for p in prompts]
     while (view := active_view(rows, s_logits, row_seeds)) is not None:
         active, s_lp = view.active, view.slm_logp
-        fired, _ = policy.fire(s_lp, None, view.steps, view.keys)
+        fired, _ = policy.fire(s_lp, None, view.steps, view.keys,
+                               hidden=hidden[view.idx] if hidden is not None else None)
         tokens = policy.base.select(s_lp, None, view.keys).clone()
         cands = s_lp.topk(k, dim=-1).indices
         new_logits = None
@@ -47,12 +50,15 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
             scores = score_from_logits(raw, reserved)  # [B, K]
             text = slm.text_logits(raw)
             new_logits = s_logits.clone()
+            new_hidden = hidden.clone() if hidden is not None else None
             for j, r in enumerate(active):
                 pick = int(scores[r].argmax()) if fired[j] else 0
                 if fired[j]:
                     tokens[j] = cands[j, pick]
                 slm.accept_tree(r, base_slot + pick)
                 new_logits[r] = text[r, pick]
+                if new_hidden is not None:
+                    new_hidden[r] = slm.last_hidden[r, pick]
         elif fired.any():
             for j, r in enumerate(active):
                 if fired[j]:
@@ -62,11 +68,13 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
             history[r].append(int(tokens[j]))
         feed, mask = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), None, pad_id)
         if new_logits is not None:
-            s_logits = new_logits  # the tree forward already advanced every active row
+            s_logits, hidden = new_logits, new_hidden  # the tree forward already advanced every active row
             continue
         if not mask.any():
             break
         new = slm.extend(feed, mask)[:, -1]
         s_logits = torch.where(mask.to(new.device), new, s_logits)
+        if hidden is not None:
+            hidden = torch.where(mask.to(new.device), slm.last_hidden[:, -1], hidden)
     stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens)
     return rows, totals(rows, stats, t0, slm, None)

@@ -21,10 +21,10 @@ class Policy:
     k: int
 
     @classmethod
-    def from_config(cls, cfg: DecodeConfig) -> "Policy":
+    def from_config(cls, cfg: DecodeConfig, trigger: Trigger | None = None) -> "Policy":
         base = Sampler(cfg.temperature, cfg.top_p, cfg.seed) if cfg.policy == "sample" else SLMTop1()
         selector = {"s2t": LLMRestrictedArgmax(cfg.k), "takeover": LLMArgmax()}.get(cfg.policy, base)
-        trigger = make_trigger(cfg.trigger, cfg.reverse_kl, cfg.seed)
+        trigger = trigger or make_trigger(cfg.trigger, cfg.reverse_kl, cfg.seed)
         if cfg.policy in ("greedy", "sample", "llm"):  # s2t-local keeps its trigger; its selector is the scorer
             trigger = make_trigger("never")
         threshold = cfg.threshold if cfg.threshold is not None else 0.0
@@ -38,9 +38,12 @@ class Policy:
     def needs_llm(self) -> bool:
         return self.trigger.needs_llm or self.selector.needs_llm
 
-    def fire(self, slm_logp, llm_logp, steps: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    def fire(self, slm_logp, llm_logp, steps: torch.Tensor, keys, hidden=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(fired [N] bool, statistic [N]) for rows at generation steps `steps` [N]."""
-        stat = self.trigger.statistic(slm_logp, llm_logp, keys)
+        if self.trigger.needs_hidden:
+            stat = self.trigger.statistic(slm_logp, llm_logp, keys, hidden=hidden)
+        else:
+            stat = self.trigger.statistic(slm_logp, llm_logp, keys)
         return (stat > self.threshold) & (steps >= self.warmup), stat
 
     def choose(self, slm_logp, llm_logp, fired: torch.Tensor, keys) -> torch.Tensor:

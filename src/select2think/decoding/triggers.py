@@ -19,6 +19,7 @@ TOP_SUPPORT = 64  # KL, entropy are computed on the SLM's top-64 ids, renormalis
 class Trigger:
     name = "base"
     needs_llm = False
+    needs_hidden = False  # wants the SLM's final hidden state [N, H] as `hidden`
 
     def statistic(self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -107,11 +108,38 @@ class RandomTrigger(Trigger):
         return torch.tensor(vals, device=slm_logp.device)
 
 
+def step_features(slm_logp: torch.Tensor) -> torch.Tensor:
+    """[N, 10]: top-64 entropy, top-1 minus top-2 probability, top-8 probabilities."""
+    top8 = slm_logp.topk(8, dim=-1).values.exp()
+    return torch.cat([EntropyTrigger().statistic(slm_logp)[:, None], (top8[:, 0] - top8[:, 1])[:, None], top8], dim=1)
+
+
+class LearnedTrigger(Trigger):
+    """A logistic head on SLM features (entropy, margin, top-8 probabilities, final hidden state),
+    trained to predict the KL trigger without the LLM. The statistic is the head's logit."""
+
+    name = "learned"
+    needs_hidden = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+        self.weight, self.bias, self.mean, self.std = weight, bias, mean, std
+
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
+        if hidden is None:
+            raise S2TError("the learned trigger needs the SLM's hidden state")
+        x = torch.cat([step_features(slm_logp), hidden.float()], dim=1)
+        dev = x.device
+        x = (x - self.mean.to(dev)) / self.std.to(dev)
+        return x @ self.weight.to(dev) + self.bias.to(dev)
+
+
 TRIGGERS = {"never": NeverTrigger, "always": AlwaysTrigger, "kl": KLTrigger, "entropy": EntropyTrigger,
             "margin": MarginTrigger, "random": RandomTrigger}
 
 
 def make_trigger(name: str, reverse_kl: bool = False, seed: int = 0) -> Trigger:
+    if name == "learned":
+        raise S2TError("the learned trigger is loaded from `s2t train-trigger`'s file: pass it as --threshold-file")
     if name not in TRIGGERS:
         raise S2TError(f"unknown trigger {name!r}: use one of {', '.join(TRIGGERS)}")
     if name == "kl":

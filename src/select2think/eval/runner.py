@@ -164,14 +164,15 @@ COST_KEYS = ("generated_tokens", "slm_forwards", "llm_forwards", "slm_tokens", "
              "hits", "hit_checked")
 
 
-def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None) -> list[dict]:
+def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None,
+                        trigger=None) -> list[dict]:
     """Decode a batch of items (spec.samples rows each) and grade them; one result dict per item."""
     dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger=spec.trigger,
                         threshold=threshold, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_p=cfg.top_p, seed=cfg.seed)
     prompts = [math_prompt(it.question) for it in items for _ in range(spec.samples)]
     seeds = [(item_seed(cfg.seed, it.id), j) for it in items for j in range(spec.samples)]
-    res = generate(pair, prompts, dcfg, batch_size=len(prompts), row_seeds=seeds)
+    res = generate(pair, prompts, dcfg, batch_size=len(prompts), row_seeds=seeds, trigger=trigger)
     out = []
     for n, it in enumerate(items):
         gens = res.generations[n * spec.samples : (n + 1) * spec.samples]
@@ -212,6 +213,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     _write_config(cfg, out, pair, specs)
     thresholds = {s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file}
     pairs = {s.label: pair for s in specs}
+    heads = {}
+    for s in specs:
+        if s.trigger == "learned":
+            from ..local.trigger_head import load_learned_trigger
+
+            heads[s.label] = load_learned_trigger(s.threshold_file)
     for s in specs:
         if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
             from ..local.train import apply_selector
@@ -228,7 +235,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
                 per_batch = max(1, cfg.batch_size // spec.samples)
                 for start in range(0, len(pending), per_batch):
                     chunk = pending[start : start + per_batch]
-                    for row in run_policy_on_items(pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label)):
+                    for row in run_policy_on_items(pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label),
+                                                   heads.get(spec.label)):
                         f.write(json.dumps(row) + "\n")
                     f.flush()
                     os.fsync(f.fileno())

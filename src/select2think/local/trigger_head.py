@@ -1,0 +1,91 @@
+"""A learned trigger so that S2T-Local needs no LLM: a logistic head on SLM features predicts the
+steps where the kl trigger fired during collection. Entropy and margin triggers at the same firing
+rate are the baselines. The result is a JSON file usable wherever a threshold file is."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..decoding.triggers import LearnedTrigger
+from ..errors import S2TError
+
+
+def load_features(groups_dir: str | Path):
+    files = sorted((Path(groups_dir) / "features").glob("*.npz"))
+    if not files:
+        raise S2TError(f"no features in {groups_dir}/features: run `s2t collect` first")
+    xs, ys, owners = [], [], []
+    for i, f in enumerate(files):
+        z = np.load(f)
+        xs.append(np.concatenate([z["features"], z["hidden"].astype(np.float32)], axis=1))
+        ys.append(z["label"].astype(np.float32))
+        owners.append(np.full(len(z["label"]), i))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners)
+
+
+def precision_recall(pred: np.ndarray, label: np.ndarray) -> dict:
+    tp = float((pred & label).sum())
+    p = tp / max(pred.sum(), 1)
+    r = tp / max(label.sum(), 1)
+    return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12), "fired": float(pred.mean())}
+
+
+def train_trigger_head(groups_dir: str | Path, out: str | Path, slm: str, epochs: int = 300, lr: float = 0.05,
+                       l2: float = 1e-3, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    X, y, owner = load_features(groups_dir)
+    if y.sum() == 0:
+        raise S2TError("the collected steps hold no kl-triggered step to learn from")
+    problems = sorted(set(owner.tolist()))
+    val_ids = set(random.Random(seed).sample(problems, max(1, int(len(problems) * val_fraction)))) if len(problems) > 1 else set()
+    val = np.isin(owner, list(val_ids))
+    train = ~val if val.any() else np.ones_like(val)
+    Xt = torch.tensor(X[train])
+    yt = torch.tensor(y[train])
+    mean, std = Xt.mean(0), Xt.std(0).clamp_min(1e-6)
+    Z = (Xt - mean) / std
+    w = torch.zeros(Z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    pos_weight = (len(yt) - yt.sum()) / yt.sum().clamp_min(1)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    for _ in range(epochs):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(Z @ w + b, yt, pos_weight=pos_weight) + l2 * w.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rate = float(yt.mean())
+    logits_train = (Z @ w + b).detach()
+    threshold = float(np.quantile(logits_train.numpy(), 1 - rate))
+    metrics = {"train_rate": rate, "val_steps": int(val.sum())}
+    if val.any():
+        Xv = torch.tensor(X[val])
+        lv = y[val].astype(bool)
+        learned = (((Xv - mean) / std) @ w.detach() + b.detach()).numpy() > threshold
+        metrics["learned"] = precision_recall(learned, lv)
+        for name, col, sign in (("entropy", 0, 1.0), ("margin", 1, -1.0)):
+            thr = np.quantile(sign * X[train][:, col], 1 - rate)
+            metrics[name] = precision_recall(sign * X[val][:, col] > thr, lv)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    weights = out.with_suffix(".safetensors")
+    save_file({"weight": w.detach(), "bias": b.detach(), "mean": mean, "std": std}, weights)
+    out.write_text(json.dumps({"trigger": "learned", "threshold": threshold, "slm": slm, "llm": "",
+                               "head": weights.name, "quantile": 1 - rate, "metrics": metrics}, indent=2))
+    return metrics
+
+
+def load_learned_trigger(path: str | Path) -> LearnedTrigger:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads(path.read_text())
+    if meta.get("trigger") != "learned" or "head" not in meta:
+        raise S2TError(f"{path} is not a learned trigger from `s2t train-trigger`")
+    t = load_file(path.parent / meta["head"])
+    return LearnedTrigger(t["weight"], t["bias"], t["mean"], t["std"])
