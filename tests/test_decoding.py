@@ -143,3 +143,15 @@ def test_cli_generate_json(capsys, tiny_pair):
                  "--threshold", "0.0", "--max-new-tokens", "8", "--dtype", "fp32", "--json", "Hello"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["path"] == "lazy-llm" and out["stats"]["generated_tokens"] == 8 and out["stats"]["triggers"] == 5
+
+
+@pytest.mark.parametrize("trigger,threshold", [("always", None), ("kl", -1.0)])
+def test_a_row_finishing_before_any_trigger_does_not_break_the_batch(tiny_pair, trigger, threshold):
+    prompts = ["Hi", "Tell me a long story about a cat and a dog."]
+    greedy = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=12), batch_size=2)
+    stop_tok = greedy.generations[0].token_ids[1]  # row 0 ends at step 2, before warm-up ends
+    cfg = dict(policy="s2t", trigger=trigger, threshold=threshold, warmup=6, max_new_tokens=12, extra_eos=(stop_tok,))
+    ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
+    fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=2)
+    assert [g.token_ids for g in fast.generations] == [g.token_ids for g in ref.generations]
+    assert fast.generations[0].finish_reason == "eos" and fast.stats.triggers > 0

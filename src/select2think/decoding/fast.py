@@ -54,8 +54,11 @@ class _LazyLLM:
             else:
                 prev = self.next_logits[r]
                 rows = torch.cat([prev[None], logits[r, :n_extra]]) if prev is not None else logits[r, :n_extra]
-            out.append(rows)
             self.pending[r] = []
+            if rows.shape[0] == 0:  # a finished row with nothing to feed
+                out.append(None)
+                continue
+            out.append(rows)
             self.next_logits[r] = rows[-1]
         return out, first_extra
 
