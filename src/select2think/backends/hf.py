@@ -56,15 +56,15 @@ class HFBackend:
         self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
+        self._count(live)
+        return self.text_logits(out.logits.float())
+
+    def _count(self, live: torch.Tensor) -> None:
         self.forwards += 1
         self.tokens += int(live.sum())
         for r, n in enumerate(live.sum(1).tolist()):
             self.row_tokens[r] += n
             self.row_forwards[r] += n > 0
-        logits = out.logits[..., : self.vocab_size].float()
-        if self.banned is not None:
-            logits[..., self.banned.to(logits.device)] = float("-inf")
-        return logits
 
     @torch.no_grad()
     def extend_tree(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -87,11 +87,7 @@ class HFBackend:
                          use_cache=True, output_hidden_states=self.want_hidden)
         self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
         self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
-        self.forwards += 1
-        self.tokens += int(live.sum())
-        for r, n in enumerate(live.sum(1).tolist()):
-            self.row_tokens[r] += n
-            self.row_forwards[r] += n > 0
+        self._count(live)
         return out.logits.float()
 
     def accept_tree(self, row: int, slot: int) -> None:
