@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/local_speed.py --n 5 --out runs/bench_local
 
-Decoding: greedy and s2t-local (entropy trigger at quantile 0.90 calibrated on gsm_symbolic:calib)
-on the same GSM8K problems, one after the other per problem; compared per generated token, since
-an untrained selector changes answer lengths. The selector's weights do not change its cost.
+Decoding: greedy, s2t-local coupled and s2t-local decoupled (entropy trigger at quantile 0.90
+calibrated on gsm_symbolic:calib) on the same GSM8K problems, one after the other per problem;
+compared per generated token, since an untrained selector changes answer lengths. The selector's
+weights do not change its cost: coupled runs the base weights (a merged LoRA costs nothing), decoupled
+a freshly initialised, unmerged LoRA r16 (the adapter's extra matmuls and its second cache are real).
 Training: forward + backward of one K = 16 group with a 511-token context in both layouts.
 """
 
@@ -44,23 +46,27 @@ def main() -> None:
         calibrate(pair, [math_prompt(i.question) for i in calib.items], "entropy", 0.90,
                   dataset="gsm_symbolic:calib", max_new_tokens=args.max_new_tokens).save(thr_file)
     thr = load_threshold(thr_file, "entropy", args.slm, None)
-    totals = {"greedy": [0.0, 0], "s2t-local": [0.0, 0]}
-    triggers = 0
+    adapted = load_pair(args.slm, None, dtype="bf16")
+    adapted.slm, _ = prepare_model(adapted.slm, adapted.reserved_ids, TrainConfig(slm=args.slm, groups="", out=""))
+    adapted.slm.eval()
+    local = dict(policy="s2t-local", trigger="entropy", threshold=thr, k=8, max_new_tokens=args.max_new_tokens)
+    runs = (("greedy", pair, DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens)),
+            ("s2t-local", pair, DecodeConfig(**local)),
+            ("s2t-local-decoupled", adapted, DecodeConfig(local_mode="decoupled", **local)))
+    totals = {name: [0.0, 0, 0] for name, _, _ in runs}  # seconds, tokens, triggers
     for item in load_dataset("gsm8k").take(args.n):
-        for name, cfg in (("greedy", DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens)),
-                          ("s2t-local", DecodeConfig(policy="s2t-local", trigger="entropy", threshold=thr, k=8,
-                                                     max_new_tokens=args.max_new_tokens))):
-            r = generate(pair, [math_prompt(item.question)], cfg)
+        for name, p, cfg in runs:
+            r = generate(p, [math_prompt(item.question)], cfg)
+            assert r.stats.llm_forwards == 0
             totals[name][0] += r.stats.wall_time_s
             totals[name][1] += r.stats.generated_tokens
-            if name == "s2t-local":
-                triggers += r.stats.triggers
-                assert r.stats.llm_forwards == 0
+            totals[name][2] += r.stats.triggers
     per_tok = {k: v[0] / max(v[1], 1) for k, v in totals.items()}
     result["decode"] = {"n": args.n, "tokens": {k: v[1] for k, v in totals.items()},
-                        "trigger_rate": triggers / max(totals["s2t-local"][1], 1),
-                        "time_per_token_ratio_local_over_greedy": per_tok["s2t-local"] / per_tok["greedy"],
-                        "wall_ratio_local_over_greedy": totals["s2t-local"][0] / totals["greedy"][0]}
+                        "trigger_rate": {k: v[2] / max(v[1], 1) for k, v in totals.items()},
+                        "time_per_token_ratio_over_greedy": {k: per_tok[k] / per_tok["greedy"] for k in per_tok},
+                        "wall_ratio_over_greedy": {k: v[0] / totals["greedy"][0] for k, v in totals.items()}}
+    del adapted
     print(json.dumps(result, indent=2), flush=True)
 
     train_pair = load_pair(args.slm, None, dtype="fp32")

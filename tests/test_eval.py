@@ -73,6 +73,17 @@ def test_policy_specs():
         parse_policy("beam")
 
 
+def test_parse_s2t_local_modes(tmp_path):
+    thr = tmp_path / "ent.json"
+    thr.write_text('{"trigger": "entropy", "threshold": 1.0}')
+    coupled = parse_policy(f"s2t-local=runs/sel,{thr}")
+    decoupled = parse_policy(f"s2t-local=runs/sel,{thr},decoupled")
+    assert (coupled.local_mode, decoupled.local_mode) == ("coupled", "decoupled")
+    assert coupled.label != decoupled.label and coupled.trigger == "entropy"
+    with pytest.raises(S2TError, match="coupled\\|decoupled"):
+        parse_policy(f"s2t-local=runs/sel,{thr},both")
+
+
 def test_read_lines_drops_a_partial_last_line(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"a": 1}\n{"a": 2}\n{"a": 3')

@@ -57,3 +57,39 @@ def test_local_refuses_llm_trigger_and_missing_reserved_rows(tiny_pair):
     bare = ModelPair(slm=tiny_pair.slm, tokenizer=tiny_pair.tokenizer, slm_name="x", reserved_ids=None)
     with pytest.raises(S2TError, match="no 16 unused rows"):
         generate(bare, ["hi"], DecodeConfig(policy="s2t-local", trigger="always", max_new_tokens=4))
+
+
+@pytest.fixture(scope="module")
+def adapted_pair():
+    """A fresh tiny SLM wearing a random (non-zero) LoRA, unmerged, as decoupled mode loads a selector."""
+    from peft import LoraConfig, get_peft_model
+
+    from select2think import load_pair
+
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    pair.slm = get_peft_model(pair.slm, lora).eval()
+    return pair
+
+
+def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_pair, tiny_pair, entropy_threshold):
+    prompts = ["What is 2+2?", "Name a fruit.", "Hi"]
+    ids = lambda r: [g.token_ids for g in r.generations]
+    cfg = dict(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24,
+               local_mode="decoupled")
+    ref = generate(adapted_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
+    fast = generate(adapted_pair, prompts, DecodeConfig(**cfg), batch_size=3)
+    assert fast.path == "local-tree-decoupled" and ref.path == "local-reference-decoupled"
+    assert ids(fast) == ids(ref)
+    assert fast.stats.llm_forwards == 0 and fast.stats.triggers > 0 and fast.stats.flips > 0
+    # between triggers the base model generates: with no trigger it is the base model's greedy answer
+    quiet = dict(policy="s2t-local", trigger="never", max_new_tokens=24)
+    base = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=24))
+    assert ids(generate(adapted_pair, prompts, DecodeConfig(local_mode="decoupled", **quiet))) == ids(base)
+    # coupled mode generates with the adapter on: another answer
+    assert ids(generate(adapted_pair, prompts, DecodeConfig(local_mode="coupled", **quiet))) != ids(base)
+    with pytest.raises(S2TError, match="unmerged"):
+        generate(tiny_pair, prompts, DecodeConfig(**cfg))
+    with pytest.raises(S2TError, match="coupled or decoupled"):
+        DecodeConfig(policy="s2t-local", trigger="always", local_mode="both")

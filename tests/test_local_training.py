@@ -79,12 +79,14 @@ def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tin
             "--dtype", "fp32", "--device", "cpu"]
     assert main(base + ["--policy", "greedy", "--out", str(tmp_path / "g")]) == 0
     assert main(base + ["--policy", "greedy", "--policy", f"s2t-local={sel},{tmp_path / 'ent.json'}",
+                        "--policy", f"s2t-local={sel},{tmp_path / 'ent.json'},decoupled",
                         "--out", str(tmp_path / "both")]) == 0
     alone = {r["item"]: r["prediction"] for r in read_lines(tmp_path / "g" / "results.shard0of1.jsonl")}
     both = read_lines(tmp_path / "both" / "results.shard0of1.jsonl")
     assert {r["item"]: r["prediction"] for r in both if r["policy"] == "greedy"} == alone
     local = [r for r in both if r["policy"].startswith("s2t-local")]
-    assert len(local) == 2 and all(r["stats"]["llm_forwards"] == 0 for r in local)
+    assert len(local) == 4 and all(r["stats"]["llm_forwards"] == 0 for r in local)
+    assert {r["policy"] for r in local} == {"s2t-local[sel]", "s2t-local[sel,decoupled]"}
     assert sum(r["stats"]["triggers"] for r in local) > 0
 
 

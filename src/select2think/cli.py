@@ -89,6 +89,7 @@ def generate(
     top_p: float = typer.Option(0.95),
     seed: int = typer.Option(0),
     adapter: Optional[str] = typer.Option(None, help="S2T-Local selector directory (policy s2t-local)"),
+    local_mode: str = typer.Option("coupled", help="s2t-local: coupled (adapter generates and scores) | decoupled (adapter only scores)"),
     reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast path"),
     no_chat_template: bool = typer.Option(False, help="feed the prompt raw"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
@@ -106,7 +107,7 @@ def generate(
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
     cfg = DecodeConfig(policy=policy, k=k, trigger=trig, threshold=thr, reverse_kl=reverse_kl,
                        max_new_tokens=max_new_tokens, stop=tuple(stop), temperature=temperature, top_p=top_p,
-                       seed=seed, fast=not reference, chat_template=not no_chat_template)
+                       seed=seed, fast=not reference, chat_template=not no_chat_template, local_mode=local_mode)
     if cfg.uses_llm and llm is None:
         raise S2TError(f"policy {policy!r} needs --llm")
     pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device)
@@ -115,7 +116,7 @@ def generate(
             raise S2TError("policy s2t-local needs --adapter (a selector from `s2t train`)")
         from .local.train import apply_selector
 
-        apply_selector(pair, adapter)
+        apply_selector(pair, adapter, mode=local_mode)
     printed = [0]
 
     def stream(row):
@@ -186,7 +187,7 @@ def eval_cmd(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
     llm: Optional[str] = typer.Option(None, help="needed by llm, takeover and s2t"),
     dataset: str = typer.Option("gsm8k", help="gsm8k | aime2025 | gsm_symbolic:SPLIT | hf:NAME[:CONFIG]:SPLIT | FILE.jsonl"),
-    policy: List[str] = typer.Option(["greedy"], help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json (repeatable)"),
+    policy: List[str] = typer.Option(["greedy"], help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)"),
     limit: Optional[int] = typer.Option(None),
     offset: int = typer.Option(0),
     shard: str = typer.Option("0/1", help="i/n: this process takes items i, i+n, ..."),

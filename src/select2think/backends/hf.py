@@ -36,10 +36,11 @@ class HFBackend:
         return self.slot_mask.shape[1]
 
     @torch.no_grad()
-    def extend(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    def extend(self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Append tokens [B, k] (dead where `live` is False); return float32 logits [B, k, vocab].
 
-        Logits are cut to the tokenizer's vocabulary and banned ids set to -inf.
+        Logits are cut to the tokenizer's vocabulary and banned ids set to -inf. `logits=False` only
+        fills the cache (a catch-up whose predictions nobody reads) and skips the vocabulary projection.
         """
         tokens = tokens.to(self.device)
         live = live.to(self.device)
@@ -52,12 +53,13 @@ class HFBackend:
             cache=self.cache,
             use_cache=True,
             output_hidden_states=self.want_hidden,
+            **({} if logits else {"logits_to_keep": 1}),
         )
         self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
         self._count(live)
-        return self.text_logits(out.logits.float())
+        return self.text_logits(out.logits.float()) if logits else None
 
     def _count(self, live: torch.Tensor) -> None:
         self.forwards += 1

@@ -61,7 +61,7 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
 
 def path_for(cfg: DecodeConfig, policy: Policy) -> str:
     if cfg.policy == "s2t-local":
-        return "local-tree" if cfg.fast else "local-reference"
+        return ("local-tree" if cfg.fast else "local-reference") + ("-decoupled" if cfg.local_mode == "decoupled" else "")
     if not cfg.fast or cfg.policy in ("greedy", "sample", "llm"):
         return "reference"
     return "draft-verify" if policy.trigger.needs_llm else "lazy-llm"
@@ -100,7 +100,8 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
                 g.llm_forwards, g.llm_tokens, g.slm_forwards, g.slm_tokens = g.slm_forwards, g.slm_tokens, 0, 0
         elif cfg.policy == "s2t-local":
             rows, st = decode_local(pair.slm, pair.vocab_size, pair.banned_ids, require_reserved(pair), chunk,
-                                    policy, make_row, chunk_seeds, pad_id, k=cfg.k, fast=cfg.fast)
+                                    policy, make_row, chunk_seeds, pad_id, k=cfg.k, fast=cfg.fast,
+                                    mode=cfg.local_mode)
         elif path == "reference":
             rows, st = decode_reference(pair.slm, pair.llm if policy.needs_llm else None, *common)
         elif path == "draft-verify":

@@ -28,6 +28,7 @@ class DecodeConfig:
     draft_len: int = 16  # draft-and-verify block length
     chat_template: bool = True
     extra_eos: tuple[int, ...] = field(default=())
+    local_mode: str = "coupled"  # s2t-local: coupled (adapter generates and scores) | decoupled (scores only)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -48,6 +49,8 @@ class DecodeConfig:
             raise S2TError("s2t-local never runs the LLM: use an SLM-only trigger (entropy, margin, random, always)")
         if self.policy in ("takeover", "s2t", "s2t-local") and self.trigger not in ("never", "always") and self.threshold is None:
             raise S2TError(f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold")
+        if self.local_mode not in ("coupled", "decoupled"):
+            raise S2TError(f"unknown S2T-Local mode {self.local_mode!r}: use coupled or decoupled")
         self.stop = tuple(self.stop)
 
     @property

@@ -1,9 +1,16 @@
 """S2T-Local decoding: no LLM. At a triggered step the SLM's top-K candidates are scored by the
-reserved-token head in one tree forward against the prefix cache; the winner's cache slot and its
-next-token logits are kept, so the following step needs no extra forward.
+reserved-token head in one tree forward against a prefix cache.
 
-`fast=False` is the specification: candidates re-scored with K full prefix forwards (as the
-reference code does), then the chosen token fed normally.
+Two modes:
+- coupled (the paper's): the adapted model generates and scores. The tree forward runs on the
+  generation cache; the winner's slot and next-token logits are kept, so the following step needs
+  no extra forward.
+- decoupled: the base model generates (its answers stay the base model's between triggers) and the
+  adapter only scores. The adapted model keeps its own cache, which lags behind and catches up in one
+  multi-token forward per trigger (as the lazy LLM does), then scores the K candidates as a tree.
+
+`fast=False` is the specification for both: candidates re-scored with K full prefix forwards of the
+scoring model (as the reference code does), then the chosen token fed normally.
 """
 
 from __future__ import annotations
@@ -13,18 +20,80 @@ import time
 import torch
 
 from ..backends import HFBackend
+from ..errors import S2TError
+from .local_scorer import naive_scores, score_from_logits
 from .policy import Policy
 from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
-from .local_scorer import naive_scores, score_from_logits
+
+LOCAL_MODES = ("coupled", "decoupled")
+
+
+class AdapterOff:
+    """A PEFT model seen with its adapter disabled: the decoupled mode's generator, sharing the weights."""
+
+    def __init__(self, peft_model):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise S2TError("decoupled S2T-Local needs the selector loaded unmerged: "
+                           "apply_selector(pair, path, mode='decoupled')")
+        self.peft = peft_model
+        self.config = peft_model.config
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    def __call__(self, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft(**kwargs)
+
+
+class _LaggingScorer:
+    """Decoupled mode's scoring side: the adapted model's cache, caught up only for rows that fire."""
+
+    def __init__(self, model, vocab_size, banned, prompts, pad_id, reserved):
+        self.backend = HFBackend(model, vocab_size, banned)
+        self.backend.reset(len(prompts))
+        self.pending = [list(p) for p in prompts]
+        self.pad_id, self.reserved = pad_id, reserved
+
+    def score(self, rows: list[int], cands: torch.Tensor) -> torch.Tensor:
+        """Scores [len(rows), K] of each row's candidates [len(rows), K]; call `keep` with the winners."""
+        B, K = len(self.pending), cands.shape[1]
+        width = max(len(self.pending[r]) for r in rows)
+        if width:
+            ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+            live = torch.zeros((B, width), dtype=torch.bool)
+            for r in rows:
+                n = len(self.pending[r])
+                ids[r, :n], live[r, :n] = torch.tensor(self.pending[r], dtype=torch.long), True
+                self.pending[r] = []
+            self.backend.extend(ids, live, logits=False)
+        feed = torch.full((B, K), self.pad_id, dtype=torch.long)
+        feed_live = torch.zeros((B, K), dtype=torch.bool)
+        for j, r in enumerate(rows):
+            feed[r], feed_live[r] = cands[j].cpu(), True
+        self.tree_base = self.backend.num_slots
+        raw = self.backend.extend_tree(feed, feed_live)
+        return score_from_logits(raw[rows], self.reserved)
+
+    def keep(self, row: int, pick: int) -> None:
+        self.backend.accept_tree(row, self.tree_base + pick)
+
+    def follow(self, row: int, token: int) -> None:
+        """The base model emitted `token` on its own: the scorer sees it at its next catch-up."""
+        self.pending[row].append(token)
 
 
 def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, make_row, row_seeds, pad_id,
-                 k: int, fast: bool = True) -> tuple[list[RowState], DecodeStats]:
+                 k: int, fast: bool = True, mode: str = "coupled") -> tuple[list[RowState], DecodeStats]:
+    if mode not in LOCAL_MODES:
+        raise S2TError(f"unknown S2T-Local mode {mode!r}: use coupled or decoupled")
     t0 = time.perf_counter()
     B = len(prompts)
-    slm = HFBackend(model, vocab_size, banned)
+    decoupled = mode == "decoupled"
+    slm = HFBackend(AdapterOff(model) if decoupled else model, vocab_size, banned)
     slm.reset(B)
     slm.want_hidden = policy.trigger.needs_hidden
+    scorer = _LaggingScorer(model, vocab_size, banned, prompts, pad_id, reserved) if decoupled and fast else None
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
     s_logits = slm.extend(ids, live)[:, -1]
@@ -37,7 +106,7 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
         tokens = policy.base.select(s_lp, None, view.keys).clone()
         cands = s_lp.topk(k, dim=-1).indices
         new_logits = None
-        if fired.any() and fast:
+        if fired.any() and fast and not decoupled:
             feed = torch.full((B, k), pad_id, dtype=torch.long)
             feed_live = torch.zeros((B, k), dtype=torch.bool)
             for j, r in enumerate(active):
@@ -59,6 +128,13 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
                 new_logits[r] = text[r, pick]
                 if new_hidden is not None:
                     new_hidden[r] = slm.last_hidden[r, pick]
+        elif fired.any() and scorer is not None:
+            js = fired.nonzero().flatten().tolist()
+            scores = scorer.score([active[j] for j in js], cands[js])
+            for n, j in enumerate(js):
+                pick = int(scores[n].argmax())
+                tokens[j] = cands[j, pick]
+                scorer.keep(active[j], pick)
         elif fired.any():
             for j, r in enumerate(active):
                 if fired[j]:
@@ -66,6 +142,8 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
                     tokens[j] = cands[j, int(sc.argmax())]
         for j, r in enumerate(active):
             history[r].append(int(tokens[j]))
+            if scorer is not None and not fired[j]:
+                scorer.follow(r, int(tokens[j]))
         feed, mask = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), None, pad_id)
         if new_logits is not None:
             s_logits, hidden = new_logits, new_hidden  # the tree forward already advanced every active row
@@ -76,5 +154,12 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
         s_logits = torch.where(mask.to(new.device), new, s_logits)
         if hidden is not None:
             hidden = torch.where(mask.to(new.device), slm.last_hidden[:, -1], hidden)
-    stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens)
-    return rows, totals(rows, stats, t0, slm, None)
+    stats = totals(rows, DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens), t0, slm, None)
+    if scorer is not None:  # the adapted model's forwards are SLM-sized work too: count them as SLM work
+        sb = scorer.backend
+        stats.slm_forwards += sb.forwards
+        stats.slm_tokens += sb.tokens
+        for i, r in enumerate(rows):
+            r.gen.slm_forwards += sb.row_forwards[i]
+            r.gen.slm_tokens += sb.row_tokens[i]
+    return rows, stats

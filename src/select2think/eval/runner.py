@@ -34,11 +34,13 @@ class PolicySpec:
     threshold_file: str | None = None
     adapter: str | None = None  # s2t-local's selector directory
     trigger: str | None = None  # the trigger the threshold file was calibrated for
+    local_mode: str = "coupled"  # s2t-local: coupled | decoupled
 
 
 def parse_policy(text: str) -> PolicySpec:
     """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`,
-    `s2t-local=SELECTOR_DIR,entropy.json` (a selector and an SLM-only trigger's thresholds)."""
+    `s2t-local=SELECTOR_DIR,entropy.json[,decoupled]` (a selector, an SLM-only trigger's thresholds and
+    the mode: coupled by default)."""
     name, _, file = text.partition("=")
     if name.startswith(("maj@", "pass@")):
         try:
@@ -51,13 +53,16 @@ def parse_policy(text: str) -> PolicySpec:
     if name not in BASE_POLICIES:
         raise S2TError(f"unknown policy {name!r}: use one of {', '.join(BASE_POLICIES)}, maj@K, pass@K")
     if name == "s2t-local":
-        adapter, _, thr = file.partition(",")
-        if not adapter or not thr:
-            raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR,THRESHOLDS.json")
+        adapter, _, rest = file.partition(",")
+        thr, _, mode = rest.partition(",")
+        mode = mode or "coupled"
+        if not adapter or not thr or mode not in ("coupled", "decoupled"):
+            raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR,THRESHOLDS.json[,coupled|decoupled]")
         trigger = json.loads(Path(thr).read_text()).get("trigger") if Path(thr).is_file() else None
         if trigger is None:
             raise S2TError(f"threshold file not found or not from `s2t calibrate`: {thr}")
-        return PolicySpec(f"s2t-local[{Path(adapter).name}]", name, 1, thr, adapter, trigger)
+        suffix = ",decoupled" if mode == "decoupled" else ""
+        return PolicySpec(f"s2t-local[{Path(adapter).name}{suffix}]", name, 1, thr, adapter, trigger, mode)
     if name in ("s2t", "takeover"):
         if not file:
             raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")
@@ -169,7 +174,7 @@ def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshol
     """Decode a batch of items (spec.samples rows each) and grade them; one result dict per item."""
     dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger=spec.trigger,
                         threshold=threshold, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, seed=cfg.seed)
+                        top_p=cfg.top_p, seed=cfg.seed, local_mode=spec.local_mode)
     prompts = [math_prompt(it.question) for it in items for _ in range(spec.samples)]
     seeds = [(item_seed(cfg.seed, it.id), j) for it in items for j in range(spec.samples)]
     res = generate(pair, prompts, dcfg, batch_size=len(prompts), row_seeds=seeds, trigger=trigger)
@@ -223,7 +228,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
             from ..local.train import apply_selector
 
-            pairs[s.label] = apply_selector(load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device), s.adapter)
+            pairs[s.label] = apply_selector(load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device), s.adapter,
+                                            mode=s.local_mode)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

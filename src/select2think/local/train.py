@@ -215,8 +215,9 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     return {"history": history, "seconds": time.perf_counter() - t0}
 
 
-def apply_selector(pair, path: str | Path):
-    """Load a trained selector into the pair's SLM (LoRA merged, reserved rows set): coupled mode."""
+def apply_selector(pair, path: str | Path, mode: str = "coupled"):
+    """Load a trained selector into the pair's SLM, reserved rows set. Coupled mode merges the LoRA
+    (no cost at generation); decoupled keeps it separate so the base model can generate with it off."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -230,7 +231,11 @@ def apply_selector(pair, path: str | Path):
     reserved = tuple(int(i) for i in rows["reserved_ids"].tolist())
     if reserved != tuple(pair.reserved_ids or ()):
         raise S2TError(f"selector {path} uses reserved ids {reserved[:2]}..., the pair has {pair.reserved_ids}")
-    model = PeftModel.from_pretrained(pair.slm, path).merge_and_unload()
+    if mode not in ("coupled", "decoupled"):
+        raise S2TError(f"unknown S2T-Local mode {mode!r}: use coupled or decoupled")
+    model = PeftModel.from_pretrained(pair.slm, path)
+    if mode == "coupled":
+        model = model.merge_and_unload()
     head = model.get_output_embeddings().weight
     with torch.no_grad():
         head[list(reserved)] = rows["weight"].to(head.dtype).to(head.device)
