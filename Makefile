@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export S2T_CACHE ?= $(HOME)/.cache/select2think
 
-.PHONY: install models demo test test-fast bench clean
+.PHONY: install models demo test test-fast bench eval-gsm8k clean
 
 $(VENV)/.installed: pyproject.toml requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.models
 	$(PY) benchmarks/fast_path.py
+
+# The accuracy-per-compute table on GSM8K test (docs/results.md). Hours on a CPU; rerun to resume.
+EVAL_OUT ?= runs/gsm8k200
+EVAL_N ?= 200
+EVAL_POLICIES ?= greedy s2t=$(EVAL_OUT)/kl99.json takeover=$(EVAL_OUT)/kl99.json s2t=$(EVAL_OUT)/kl90.json llm maj@8
+$(EVAL_OUT)/kl%.json: $(VENV)/.models
+	$(VENV)/bin/s2t calibrate --trigger kl --quantile 0.$* --dataset gsm_symbolic:calib --limit 20 --out $@
+
+eval-gsm8k: $(EVAL_OUT)/kl99.json $(EVAL_OUT)/kl90.json
+	$(VENV)/bin/s2t eval --llm qwen2.5-coder-1.5b-instruct --dataset gsm8k --limit $(EVAL_N) --max-new-tokens 512 \
+		--batch-size 16 $(foreach p,$(EVAL_POLICIES),--policy $(p)) --out $(EVAL_OUT)
+	$(VENV)/bin/s2t report $(EVAL_OUT)
 
 clean:
 	rm -rf $(VENV)

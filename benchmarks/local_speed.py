@@ -1,13 +1,17 @@
 """S2T-Local costs: decoding time vs greedy, and training layout (tree vs K prefix copies).
 
-    .venv/bin/python benchmarks/local_speed.py --n 5 --out runs/bench_local
+    .venv/bin/python benchmarks/local_speed.py --n 5 --out runs/bench_local      # decode.json, train.json
+    .venv/bin/python benchmarks/local_speed.py --skip-decode                       # the training part only
 
 Decoding: greedy, s2t-local coupled and s2t-local decoupled (entropy trigger at quantile 0.90
 calibrated on gsm_symbolic:calib) on the same GSM8K problems, one after the other per problem;
 compared per generated token, since an untrained selector changes answer lengths. The selector's
 weights do not change its cost: coupled runs the base weights (a merged LoRA costs nothing), decoupled
 a freshly initialised, unmerged LoRA r16 (the adapter's extra matmuls and its second cache are real).
-Training: forward + backward of one K = 16 group with a 511-token context in both layouts.
+Training: forward + backward of one K = 16 group (the full loss, KL-to-base forward included) in both
+layouts, fp32 as `s2t train` runs by default. The naive layout holds K copies of the prefix's
+activations: at a 511-token context that exceeds 24 GiB, so it is timed at shorter contexts only
+(--naive-max-context) while the tree layout is timed at every context.
 """
 
 from __future__ import annotations
@@ -32,12 +36,27 @@ def main() -> None:
     ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--contexts", default="127,255,511")
+    ap.add_argument("--naive-max-context", type=int, default=255)
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", default="runs/bench_local")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+    if not args.skip_decode:
+        bench_decode(args, out)
+    if not args.skip_train:
+        bench_train(args, out)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def bench_decode(args, out: Path) -> None:
+    result = {"machine": machine()}
 
     pair = load_pair(args.slm, None, dtype="bf16")
     thr_file = out / "entropy_q0.9.json"
@@ -66,29 +85,38 @@ def main() -> None:
                         "trigger_rate": {k: v[2] / max(v[1], 1) for k, v in totals.items()},
                         "time_per_token_ratio_over_greedy": {k: per_tok[k] / per_tok["greedy"] for k in per_tok},
                         "wall_ratio_over_greedy": {k: v[0] / totals["greedy"][0] for k, v in totals.items()}}
-    del adapted
+    (out / "decode.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2), flush=True)
 
+
+def bench_train(args, out: Path) -> None:
+    result = {"machine": machine()}
     train_pair = load_pair(args.slm, None, dtype="fp32")
     cfg = TrainConfig(slm=args.slm, groups="", out="")
     model, head = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
     ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))["input_ids"]
-    group = {"context": ids[:511], "candidates": list(range(1000, 1016)), "llm_probs": [1 / 16] * 16}
-    times = {}
-    for layout in ("tree", "naive"):
-        cfg.layout = layout
-        spent = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            spent.append(time.perf_counter() - t)
-        times[layout] = min(spent)
-    result["train"] = {"K": 16, "context": 511, "seconds_per_group": times,
-                       "speedup_tree_over_naive": times["naive"] / times["tree"]}
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    rows = []
+    for context in (int(c) for c in args.contexts.split(",")):
+        group = {"context": ids[:context], "candidates": list(range(1000, 1016)), "llm_probs": [1 / 16] * 16}
+        row = {"K": 16, "context": context}
+        for layout in ("tree", "naive"):
+            if layout == "naive" and context > args.naive_max_context:
+                continue
+            cfg.layout = layout
+            spent = []
+            for _ in range(args.reps + 1):  # the first pass warms up allocators and is not counted
+                t = time.perf_counter()
+                loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                spent.append(time.perf_counter() - t)
+            row[f"{layout}_s_per_group"] = min(spent[1:])
+        if "naive_s_per_group" in row:
+            row["speedup_tree_over_naive"] = row["naive_s_per_group"] / row["tree_s_per_group"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result["train"] = rows
+    (out / "train.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

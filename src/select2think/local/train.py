@@ -71,14 +71,16 @@ def tree_batch(context: list[int], cands: list[int], device, dtype):
 
 
 def candidate_logits(model, context: list[int], cands: list[int], layout: str = "tree") -> torch.Tensor:
-    """Raw logits [K, V_all] at each candidate's position."""
+    """Raw logits [K, V_all] at each candidate's position. Only those positions go through the
+    vocabulary projection (`logits_to_keep`): the prefix's logits would cost a [L, V] matmul and its
+    gradient buffer, for nothing the loss reads."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if layout == "tree":
         ids, pos, mask = tree_batch(context, cands, device, dtype)
-        return model(input_ids=ids, position_ids=pos, attention_mask=mask).logits[0, len(context):].float()
+        return model(input_ids=ids, position_ids=pos, attention_mask=mask, logits_to_keep=len(cands)).logits[0].float()
     batch = torch.tensor([context + [c] for c in cands], device=device)
-    return model(input_ids=batch).logits[:, -1].float()
+    return model(input_ids=batch, logits_to_keep=1).logits[:, -1].float()
 
 
 def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
