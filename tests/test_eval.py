@@ -138,3 +138,18 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     assert whole == sharded and len(whole) == 8  # per-item seeds: shards and batch sizes agree with the whole run
     assert build_report(tmp_path / "sharded")["policies"]["greedy"]["n"] == 4
     assert main(base[:-2] + ["--policy", "greedy", "--out", str(tmp_path / "whole"), "--seed", "5"]) == 2
+
+
+def test_report_prints_bracketed_policy_labels_verbatim(tmp_path, capsys):
+    from select2think.cli import main
+
+    stats = dict(generated_tokens=10, slm_forwards=10, slm_tokens=20, llm_forwards=1, llm_tokens=16, triggers=1,
+                 flips=1, wall_time_s=1.0)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "identity": {"dataset": "gsm8k", "slm": "a", "llm": "b", "max_new_tokens": 12},
+        "policies": ["greedy", "s2t[kl99]"], "machine": "test"}))
+    lines = [{"item": f"q{i}", "policy": p, "correct": i == 0, "stats": stats}
+             for i in range(2) for p in ("greedy", "s2t[kl99]")]
+    (tmp_path / "results.shard0of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "| s2t[kl99] | 2 | 50.0%" in capsys.readouterr().out

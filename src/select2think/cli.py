@@ -209,7 +209,7 @@ def eval_cmd(
                      offset=offset, shard=shard, seed=seed, max_new_tokens=max_new_tokens, k=k,
                      temperature=temperature, top_p=top_p, dtype=dtype, device=device, batch_size=batch_size)
     run_eval(cfg)
-    console.print(write_report(out))
+    console.print(write_report(out), markup=False)  # labels like s2t[kl99] are not rich markup
 
 
 @app.command()
@@ -233,7 +233,7 @@ def analyze(
     summary = run_analysis(cfg)
     text = markdown(summary)
     Path(out, "summary.md").write_text(text)
-    console.print(text)
+    console.print(text, markup=False)
 
 
 @app.command()
@@ -301,7 +301,7 @@ def report(run_dir: str):
     """Merge a run's shards: report.md, report.json, report.csv and accuracy_vs_compute.png."""
     from .eval.report import write_report
 
-    console.print(write_report(run_dir))
+    console.print(write_report(run_dir), markup=False)
 
 
 @app.command()
