@@ -25,8 +25,6 @@ from .local_scorer import naive_scores, score_from_logits
 from .policy import Policy
 from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
 
-LOCAL_MODES = ("coupled", "decoupled")
-
 
 class AdapterOff:
     """A PEFT model seen with its adapter disabled: the decoupled mode's generator, sharing the weights."""
@@ -85,8 +83,7 @@ class _LaggingScorer:
 
 def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, make_row, row_seeds, pad_id,
                  k: int, fast: bool = True, mode: str = "coupled") -> tuple[list[RowState], DecodeStats]:
-    if mode not in LOCAL_MODES:
-        raise S2TError(f"unknown S2T-Local mode {mode!r}: use coupled or decoupled")
+    """`mode` is one of config.LOCAL_MODES, validated by DecodeConfig."""
     t0 = time.perf_counter()
     B = len(prompts)
     decoupled = mode == "decoupled"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
+from ..decoding.config import LOCAL_MODES
 from ..errors import S2TError
 from .datasets import load_dataset
 from .grading import extract_answer, is_correct
@@ -56,7 +57,7 @@ def parse_policy(text: str) -> PolicySpec:
         adapter, _, rest = file.partition(",")
         thr, _, mode = rest.partition(",")
         mode = mode or "coupled"
-        if not adapter or not thr or mode not in ("coupled", "decoupled"):
+        if not adapter or not thr or mode not in LOCAL_MODES:
             raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR,THRESHOLDS.json[,coupled|decoupled]")
         trigger = json.loads(Path(thr).read_text()).get("trigger") if Path(thr).is_file() else None
         if trigger is None:

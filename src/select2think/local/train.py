@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..decoding.config import LOCAL_MODES
 from ..decoding.local_scorer import score_from_logits
 from ..errors import S2TError
 from ..eval.runner import read_lines
@@ -233,7 +234,7 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     reserved = tuple(int(i) for i in rows["reserved_ids"].tolist())
     if reserved != tuple(pair.reserved_ids or ()):
         raise S2TError(f"selector {path} uses reserved ids {reserved[:2]}..., the pair has {pair.reserved_ids}")
-    if mode not in ("coupled", "decoupled"):
+    if mode not in LOCAL_MODES:
         raise S2TError(f"unknown S2T-Local mode {mode!r}: use coupled or decoupled")
     model = PeftModel.from_pretrained(pair.slm, path)
     if mode == "coupled":
