@@ -93,7 +93,7 @@ def bench_train(args, out: Path) -> None:
     result = {"machine": machine()}
     train_pair = load_pair(args.slm, None, dtype="fp32")
     cfg = TrainConfig(slm=args.slm, groups="", out="")
-    model, head = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
+    model, _ = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
     ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))["input_ids"]
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):

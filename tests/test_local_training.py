@@ -6,7 +6,8 @@ import torch
 from select2think import DecodeConfig, generate, load_pair
 from select2think.decoding.calibrate import calibrate
 from select2think.local.collect import CollectConfig, run_collect
-from select2think.local.train import TrainConfig, apply_selector, candidate_logits, load_groups, run_train
+from select2think.local.train import (TrainConfig, apply_selector, candidate_logits, group_loss, load_groups,
+                                      prepare_model, run_train)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,21 @@ def test_tree_layout_equals_naive_layout(tiny_pair):
     tree = candidate_logits(tiny_pair.slm, ctx, cands, "tree")
     naive = candidate_logits(tiny_pair.slm, ctx, cands, "naive")
     assert torch.allclose(tree, naive, atol=1e-4)
+
+
+def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30, 40]
+    before = candidate_logits(pair.slm, ctx, cands)
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="")
+    model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
+    assert torch.allclose(candidate_logits(model, ctx, cands), before, atol=1e-5)  # LoRA B = 0, rows = head rows
+    loss, _, _ = group_loss(model, {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]},
+                            pair.reserved_ids, pair.vocab_size, cfg)
+    loss.backward()
+    assert rows.weight.grad is not None and rows.weight.grad.abs().sum() > 0
+    assert model.get_output_embeddings().weight.grad is None  # the [V, H] head never gets a dense gradient
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_path):

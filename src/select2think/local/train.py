@@ -122,26 +122,39 @@ def load_groups(groups_dir: str | Path, max_groups: int | None = None) -> list[d
     return groups[:max_groups] if max_groups else groups
 
 
+class ReservedRows(torch.nn.Module):
+    """The 16 reserved lm_head rows as their own trainable [16, H] fp32 parameter, written over the head's
+    output by a forward hook. The full head (tied to the input embeddings in small Qwen models) stays
+    frozen, so no dense [V, H] gradient or optimizer state is ever built for the 99.99% of rows that
+    must not move."""
+
+    def __init__(self, head: torch.nn.Linear, reserved):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(list(reserved), device=head.weight.device), persistent=False)
+        self.weight = torch.nn.Parameter(head.weight.detach()[list(reserved)].float().clone())
+        self.handle = head.register_forward_hook(self._override)
+
+    def _override(self, module, args, out):
+        rows = args[0].to(self.weight.dtype) @ self.weight.T  # [..., 16]
+        return out.float().index_copy(-1, self.ids, rows)
+
+
 def prepare_model(slm_model, reserved, cfg: TrainConfig):
-    """Wrap in LoRA; make only the reserved lm_head rows trainable besides it."""
+    """Wrap in LoRA; the reserved rows are the only other trainable weights."""
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(slm_model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=LORA_TARGETS, bias="none"))
-    head = model.get_output_embeddings().weight
-    head.requires_grad_(True)
-    row_mask = torch.zeros(head.shape[0], 1, device=head.device, dtype=head.dtype)
-    row_mask[list(reserved)] = 1
-    head.register_hook(lambda g: g * row_mask)  # every other row (and tied input embeddings) stays frozen
-    return model, head
+    rows = ReservedRows(model.get_output_embeddings(), reserved)
+    return model, rows
 
 
-def save_selector(model, head, reserved, out: Path, meta: dict) -> None:
+def save_selector(model, rows: ReservedRows, reserved, out: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, save_embedding_layers=False)
-    save_file({"reserved_ids": torch.tensor(reserved), "weight": head.detach()[list(reserved)].float().contiguous()},
+    save_file({"reserved_ids": torch.tensor(reserved), "weight": rows.weight.detach().float().contiguous()},
               out / "reserved_rows.safetensors")
     (out / "selector.json").write_text(json.dumps(meta, indent=2))
 
@@ -176,11 +189,11 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     train = [g for g in groups if g["item"] not in val_items]
     val = [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
     torch.manual_seed(cfg.seed)
-    model, head = prepare_model(pair.slm, reserved, cfg)
+    model, rows = prepare_model(pair.slm, reserved, cfg)
     model.train()
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and p is not head]
+    lora = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
-                             {"params": [head], "lr": cfg.head_lr, "weight_decay": 0.0}])
+                             {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
     out = Path(cfg.out)
     state_path = out / "train_state.pt"
     start_epoch, history = 0, []
@@ -190,9 +203,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
 
         state = torch.load(state_path, weights_only=False)
         set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
-        rows = load_file(out / "reserved_rows.safetensors")
         with torch.no_grad():
-            head[list(reserved)] = rows["weight"].to(head.dtype)
+            rows.weight.copy_(load_file(out / "reserved_rows.safetensors")["weight"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
     t0 = time.perf_counter()
@@ -213,7 +225,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
             history.append({"epoch": epoch + 1, "train_loss": total / max(len(order), 1), **metrics})
             meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "config": asdict(cfg), "history": history,
                     "train_groups": len(train), "val_groups": len(val)}
-            save_selector(model, head, reserved, out, meta)
+            save_selector(model, rows, reserved, out, meta)
             torch.save({"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}, state_path)
     return {"history": history, "seconds": time.perf_counter() - t0}
 
