@@ -63,13 +63,13 @@ def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_p
     cfg = TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=12,
                       dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2)
     first = run_train(cfg, progress=False)
-    assert len(first["history"]) == 1 and 0 <= first["history"][0]["agree_at_1"] <= 1
+    assert len(first["history"]) == 2 and 0 <= first["history"][-1]["agree_at_1"] <= 1
     meta = json.loads((out / "selector.json").read_text())
     assert meta["reserved_ids"] == list(range(49152, 49168))
     assert (out / "adapter_model.safetensors").stat().st_size < 20e6
     cfg.epochs = 2
     second = run_train(cfg, progress=False)  # resumes at epoch 2
-    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert [h["epoch"] for h in second["history"]] == [0, 1, 2]  # 0: the untrained head
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     before = pair.slm.lm_head.weight.detach().clone()
@@ -124,3 +124,31 @@ def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collec
     assert fast.stats.llm_forwards == 0
     with pytest.raises(Exception, match="train-trigger"):
         generate(tiny_pair, prompts, DecodeConfig(**cfg))
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_path, monkeypatch):
+    import select2think.local.train as train_mod
+    from safetensors.torch import load_file
+
+    def cfg(out):
+        return TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=10,
+                           dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2, checkpoint_every=3)
+
+    run_train(cfg(tmp_path / "whole"), progress=False)
+    real, calls = train_mod.group_loss, []
+
+    def dies_at_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # stands for a kill: the last checkpoint is after group 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "group_loss", dies_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg(tmp_path / "cut"), progress=False)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(train_mod, "group_loss", real)
+    run_train(cfg(tmp_path / "cut"), progress=False)
+    for name in ("adapter_model.safetensors", "reserved_rows.safetensors"):
+        whole, cut = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
+        assert all(torch.equal(whole[k], cut[k]) for k in whole), name

@@ -47,6 +47,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     max_groups: int | None = None
     seed: int = 0
+    checkpoint_every: int = 100  # groups; a killed run resumes from the last checkpoint
     layout: str = "tree"
     dtype: str = "fp32"
     device: str = "auto"
@@ -56,6 +57,8 @@ class TrainConfig:
             raise S2TError(f"layout must be tree or naive, got {self.layout!r}")
         if self.epochs < 1:
             raise S2TError(f"epochs must be >= 1, got {self.epochs}")
+        if self.checkpoint_every < 1:
+            raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
 
 
 def tree_batch(context: list[int], cands: list[int], device, dtype):
@@ -160,7 +163,9 @@ def save_selector(model, rows: ReservedRows, reserved, out: Path, meta: dict) ->
 
 
 def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
-    agree, rhos = 0, []
+    """Agree@1 and Spearman with the LLM on held-out groups, beside the bar to clear: how often the SLM's
+    own top-1 (candidate 0, candidates being in SLM order) is already the LLM's choice."""
+    agree, slm_agree, rhos = 0, 0, []
     model.eval()
     with torch.no_grad():
         for g in groups:
@@ -168,9 +173,11 @@ def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
             s = score_from_logits(raw, reserved)
             q = torch.tensor(g["llm_probs"], device=s.device)
             agree += int(s.argmax() == q.argmax())
+            slm_agree += int(q.argmax() == 0)
             rhos.append(spearman(s, q))
     model.train()
-    return {"agree_at_1": agree / max(len(groups), 1), "spearman": sum(rhos) / max(len(rhos), 1), "n": len(groups)}
+    n = max(len(groups), 1)
+    return {"agree_at_1": agree / n, "slm_top1_agree": slm_agree / n, "spearman": sum(rhos) / n, "n": len(groups)}
 
 
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -196,8 +203,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
                              {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
     out = Path(cfg.out)
     state_path = out / "train_state.pt"
-    start_epoch, history = 0, []
-    if state_path.is_file():  # resume
+    epoch, step, total, history = 0, 0, 0.0, []
+    if state_path.is_file():  # resume, mid-epoch included
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -206,27 +213,40 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         with torch.no_grad():
             rows.weight.copy_(load_file(out / "reserved_rows.safetensors")["weight"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
+        torch.set_rng_state(state["rng"])
+        epoch, step, total, history = state["epoch"], state.get("step", 0), state.get("total", 0.0), state["history"]
+    meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "config": asdict(cfg), "train_groups": len(train),
+            "val_groups": len(val)}
+
+    def checkpoint():
+        save_selector(model, rows, reserved, out, {**meta, "history": history})
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "total": total, "history": history,
+                    "rng": torch.get_rng_state()}, tmp)
+        tmp.replace(state_path)
+
+    if not history:  # the untrained head, for reference
+        history.append({"epoch": 0, "train_loss": None, **evaluate(model, val, reserved, pair.vocab_size, cfg)})
     t0 = time.perf_counter()
     with Progress(disable=not progress) as bar:
-        for epoch in range(start_epoch, cfg.epochs):
+        while epoch < cfg.epochs:
             order = list(range(len(train)))
             random.Random(cfg.seed + epoch).shuffle(order)
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(order))
-            total = 0.0
-            for i in order:
-                loss, _, _ = group_loss(model, train[i], reserved, pair.vocab_size, cfg)
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(order), completed=step)
+            while step < len(order):
+                loss, _, _ = group_loss(model, train[order[step]], reserved, pair.vocab_size, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.item()
+                step += 1
                 bar.advance(task)
+                if step % cfg.checkpoint_every == 0 and step < len(order):
+                    checkpoint()
             metrics = evaluate(model, val, reserved, pair.vocab_size, cfg)
             history.append({"epoch": epoch + 1, "train_loss": total / max(len(order), 1), **metrics})
-            meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "config": asdict(cfg), "history": history,
-                    "train_groups": len(train), "val_groups": len(val)}
-            save_selector(model, rows, reserved, out, meta)
-            torch.save({"optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history}, state_path)
+            epoch, step, total = epoch + 1, 0, 0.0
+            checkpoint()
     return {"history": history, "seconds": time.perf_counter() - t0}
 
 
