@@ -8,8 +8,8 @@ calibrated on gsm_symbolic:calib) on the same GSM8K problems, one after the othe
 compared per generated token, since an untrained selector changes answer lengths. The selector's
 weights do not change its cost: coupled runs the base weights (a merged LoRA costs nothing), decoupled
 a freshly initialised, unmerged LoRA r16 (the adapter's extra matmuls and its second cache are real).
-Training: forward + backward of one K = 16 group (the full loss, KL-to-base forward included) in both
-layouts, fp32 as `s2t train` runs by default. The naive layout holds K copies of the prefix's
+Training: one step on a K = 16 group (the full loss with its KL-to-base forward, backward, AdamW step)
+in both layouts in fp32, and in the tree layout in each of --train-dtypes. The naive layout holds K copies of the prefix's
 activations: at a 511-token context that exceeds 24 GiB, so it is timed at shorter contexts only
 (--naive-max-context) while the tree layout is timed at every context.
 """
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--contexts", default="127,255,511")
     ap.add_argument("--naive-max-context", type=int, default=127)
+    ap.add_argument("--train-dtypes", default="fp32", help="comma list: fp32,bf16 (tree layout timed in each)")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", default="runs/bench_local")
@@ -90,33 +91,36 @@ def bench_decode(args, out: Path) -> None:
 
 
 def bench_train(args, out: Path) -> None:
-    result = {"machine": machine()}
-    train_pair = load_pair(args.slm, None, dtype="fp32")
-    cfg = TrainConfig(slm=args.slm, groups="", out="")
-    model, _ = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
-    ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))["input_ids"]
-    rows = []
-    for context in (int(c) for c in args.contexts.split(",")):
-        group = {"context": ids[:context], "candidates": list(range(1000, 1016)), "llm_probs": [1 / 16] * 16}
-        row = {"K": 16, "context": context}
-        for layout in ("tree", "naive"):
-            if layout == "naive" and context > args.naive_max_context:
-                continue
-            cfg.layout = layout
-            spent = []
-            warmup = 1 if layout == "tree" else 0  # a cheap first pass warms up allocators; naive is too slow to repeat
-            for _ in range(args.reps + warmup):
-                t = time.perf_counter()
-                loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)
-                loss.backward()
-                model.zero_grad(set_to_none=True)
-                spent.append(time.perf_counter() - t)
-            row[f"{layout}_s_per_group"] = min(spent[warmup:])
-        if "naive_s_per_group" in row:
-            row["speedup_tree_over_naive"] = row["naive_s_per_group"] / row["tree_s_per_group"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    result["train"] = rows
+    """One training step per group (forward, backward, AdamW step), tree vs naive layout, per dtype."""
+    result = {"machine": machine(), "train": []}
+    for dtype in args.train_dtypes.split(","):
+        train_pair = load_pair(args.slm, None, dtype=dtype)
+        cfg = TrainConfig(slm=args.slm, groups="", out="", dtype=dtype)
+        model, rows = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [rows.weight], lr=1e-5)
+        ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))["input_ids"]
+        for context in (int(c) for c in args.contexts.split(",")):
+            group = {"context": ids[:context], "candidates": list(range(1000, 1016)), "llm_probs": [1 / 16] * 16}
+            row = {"K": 16, "context": context, "dtype": dtype}
+            for layout in ("tree", "naive"):
+                if layout == "naive" and (context > args.naive_max_context or dtype != "fp32"):
+                    continue
+                cfg.layout = layout
+                spent = []
+                warmup = 1 if layout == "tree" else 0  # a cheap first pass warms up allocators; naive is too slow to repeat
+                for _ in range(args.reps + warmup):
+                    t = time.perf_counter()
+                    loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    spent.append(time.perf_counter() - t)
+                row[f"{layout}_s_per_group"] = min(spent[warmup:])
+            if "naive_s_per_group" in row:
+                row["speedup_tree_over_naive"] = row["naive_s_per_group"] / row["tree_s_per_group"]
+            result["train"].append(row)
+            print(json.dumps(row), flush=True)
+        del model, rows, opt, train_pair
     (out / "train.json").write_text(json.dumps(result, indent=2))
 
 

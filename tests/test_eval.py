@@ -82,6 +82,10 @@ def test_parse_s2t_local_modes(tmp_path):
     assert coupled.label != decoupled.label and coupled.trigger == "entropy"
     with pytest.raises(S2TError, match="coupled\\|decoupled"):
         parse_policy(f"s2t-local=runs/sel,{thr},both")
+    learned = tmp_path / "learned.json"
+    learned.write_text('{"trigger": "learned", "threshold": 0.0}')
+    other = parse_policy(f"s2t-local=runs/sel,{learned}")  # one selector, two triggers: two rows in one run
+    assert (coupled.label, other.label) == ("s2t-local[sel,ent]", "s2t-local[sel,learned]")
 
 
 def test_read_lines_drops_a_partial_last_line(tmp_path):

@@ -102,7 +102,7 @@ def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tin
     assert {r["item"]: r["prediction"] for r in both if r["policy"] == "greedy"} == alone
     local = [r for r in both if r["policy"].startswith("s2t-local")]
     assert len(local) == 4 and all(r["stats"]["llm_forwards"] == 0 for r in local)
-    assert {r["policy"] for r in local} == {"s2t-local[sel]", "s2t-local[sel,decoupled]"}
+    assert {r["policy"] for r in local} == {"s2t-local[sel,ent]", "s2t-local[sel,ent,decoupled]"}
     assert sum(r["stats"]["triggers"] for r in local) > 0
 
 
@@ -152,3 +152,13 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_pa
     for name in ("adapter_model.safetensors", "reserved_rows.safetensors"):
         whole, cut = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
         assert all(torch.equal(whole[k], cut[k]) for k in whole), name
+
+
+def test_train_cli_prints_the_untrained_and_trained_agreement(collected, tmp_path, capsys):
+    from select2think.cli import main
+
+    assert main(["train", "--slm", "tiny-slm", "--groups", str(collected / "groups"), "--out", str(tmp_path / "s"),
+                 "--epochs", "1", "--max-groups", "4", "--dtype", "fp32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 0: untrained" in out and "epoch 1: loss" in out and "SLM top-1" in out
+    assert main(["train", "--slm", "tiny-slm", "--groups", str(tmp_path / "none"), "--out", str(tmp_path / "s2")]) == 2

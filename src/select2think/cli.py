@@ -279,8 +279,9 @@ def train(
     res = run_train(TrainConfig(slm=slm, groups=groups, out=out, epochs=epochs, lr=lr, head_lr=head_lr, lora_r=lora_r,
                                 max_groups=max_groups, layout=layout, dtype=dtype, device=device))
     for h in res["history"]:
-        console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, val Agree@1 {h['agree_at_1']:.1%}, "
-                      f"Spearman {h['spearman']:.3f} ({h['n']} groups)")
+        loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
+        console.print(f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
+                      f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f} ({h['n']} groups)")
 
 
 @app.command("train-trigger")

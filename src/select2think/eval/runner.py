@@ -63,7 +63,8 @@ def parse_policy(text: str) -> PolicySpec:
         if trigger is None:
             raise S2TError(f"threshold file not found or not from `s2t calibrate`: {thr}")
         suffix = ",decoupled" if mode == "decoupled" else ""
-        return PolicySpec(f"s2t-local[{Path(adapter).name}{suffix}]", name, 1, thr, adapter, trigger, mode)
+        label = f"s2t-local[{Path(adapter).name},{Path(thr).stem}{suffix}]"  # the selector, its trigger, its mode
+        return PolicySpec(label, name, 1, thr, adapter, trigger, mode)
     if name in ("s2t", "takeover"):
         if not file:
             raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")
