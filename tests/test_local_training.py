@@ -162,3 +162,31 @@ def test_train_cli_prints_the_untrained_and_trained_agreement(collected, tmp_pat
     out = capsys.readouterr().out
     assert "epoch 0: untrained" in out and "epoch 1: loss" in out and "SLM top-1" in out
     assert main(["train", "--slm", "tiny-slm", "--groups", str(tmp_path / "none"), "--out", str(tmp_path / "s2")]) == 2
+
+
+def test_bundle_ships_selector_and_trigger_and_decodes_with_no_threshold_file(collected, tmp_path, capsys):
+    from select2think.cli import main
+    from select2think.eval.runner import read_lines
+    from select2think.local.trigger_head import train_trigger_head
+
+    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(tmp_path / "sel"), epochs=1,
+                          max_groups=4, dtype="fp32", device="cpu"), progress=False)
+    train_trigger_head(collected / "groups", tmp_path / "trig.json", "tiny-slm", epochs=20)
+    assert main(["bundle", "--selector", str(tmp_path / "sel"), "--trigger", str(tmp_path / "ent.json"),
+                 "--out", str(tmp_path / "b")]) == 2  # no such trigger
+    assert main(["bundle", "--selector", str(tmp_path / "sel"), "--trigger", str(tmp_path / "trig.json"),
+                 "--out", str(tmp_path / "bundle")]) == 0
+    full = (tmp_path / "sel" / "adapter_model.safetensors").stat().st_size
+    half = (tmp_path / "bundle" / "adapter_model.safetensors").stat().st_size
+    assert half < 0.6 * full and not (tmp_path / "bundle" / "train_state.pt").exists()
+    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm_symbolic:dev", "--limit", "2", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main(base + ["--policy", f"s2t-local={tmp_path / 'bundle'},decoupled"]) == 0
+    rows = read_lines(tmp_path / "run" / "results.shard0of1.jsonl")
+    assert {r["policy"] for r in rows} == {"s2t-local[bundle,learned,decoupled]"}
+    assert all(r["stats"]["llm_forwards"] == 0 for r in rows)
+    capsys.readouterr()
+    assert main(["generate", "2+2?", "--slm", "tiny-slm", "--policy", "s2t-local", "--adapter", str(tmp_path / "bundle"),
+                 "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["llm_forwards"] == 0
+    assert main(["generate", "2+2?", "--slm", "tiny-slm", "--policy", "s2t-local", "--dtype", "fp32"]) == 2  # none ships

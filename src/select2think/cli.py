@@ -88,7 +88,7 @@ def generate(
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.95),
     seed: int = typer.Option(0),
-    adapter: Optional[str] = typer.Option(None, help="S2T-Local selector directory (policy s2t-local)"),
+    adapter: Optional[str] = typer.Option(None, help="S2T-Local selector or bundle (default: the one shipped for the SLM)"),
     local_mode: str = typer.Option("coupled", help="s2t-local: coupled (adapter generates and scores) | decoupled (adapter only scores)"),
     reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast path"),
     no_chat_template: bool = typer.Option(False, help="feed the prompt raw"),
@@ -103,6 +103,14 @@ def generate(
 
     if not prompt.strip():
         raise S2TError("empty prompt")
+    if policy == "s2t-local":
+        from .local.bundle import bundled_trigger, shipped_bundle
+
+        adapter = adapter or (str(shipped_bundle(slm)) if shipped_bundle(slm) else None)
+        if adapter is None:
+            raise S2TError(f"policy s2t-local needs --adapter (a selector from `s2t train`); none ships for {slm}")
+        if trigger is None and threshold is None and threshold_file is None and bundled_trigger(adapter):
+            trigger, threshold_file = "learned", str(bundled_trigger(adapter))
     trig = trigger or {"s2t": "kl", "takeover": "kl", "s2t-local": "entropy"}.get(policy, "never")
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
     cfg = DecodeConfig(policy=policy, k=k, trigger=trig, threshold=thr, reverse_kl=reverse_kl,
@@ -112,8 +120,6 @@ def generate(
         raise S2TError(f"policy {policy!r} needs --llm")
     pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device)
     if policy == "s2t-local":
-        if adapter is None:
-            raise S2TError("policy s2t-local needs --adapter (a selector from `s2t train`)")
         from .local.train import apply_selector
 
         apply_selector(pair, adapter, mode=local_mode)
@@ -295,6 +301,23 @@ def train_trigger(
 
     metrics = train_trigger_head(groups, out, slm)
     console.print_json(json.dumps(metrics))
+
+
+@app.command()
+def bundle(
+    selector: str = typer.Option(..., help="selector directory from `s2t train`"),
+    trigger: str = typer.Option(..., help="learned trigger JSON from `s2t train-trigger`"),
+    out: str = typer.Option(..., help="bundle directory to write"),
+    dtype: str = typer.Option("bf16", help="LoRA weights: bf16 | fp16 | fp32"),
+):
+    """Pack a selector and its learned trigger into one directory for `s2t-local=BUNDLE` (no optimizer state)."""
+    from .local.bundle import export_bundle
+
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise S2TError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    path = export_bundle(selector, trigger, out, dtype)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    console.print(f"bundle written to {path} ({size / 1e6:.1f} MB)")
 
 
 @app.command()

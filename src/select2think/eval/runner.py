@@ -40,8 +40,8 @@ class PolicySpec:
 
 def parse_policy(text: str) -> PolicySpec:
     """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`,
-    `s2t-local=SELECTOR_DIR,entropy.json[,decoupled]` (a selector, an SLM-only trigger's thresholds and
-    the mode: coupled by default)."""
+    `s2t-local=SELECTOR_DIR[,entropy.json][,decoupled]` (a selector, an SLM-only trigger's thresholds,
+    by default the learned trigger a bundle ships, and the mode: coupled by default)."""
     name, _, file = text.partition("=")
     if name.startswith(("maj@", "pass@")):
         try:
@@ -54,17 +54,24 @@ def parse_policy(text: str) -> PolicySpec:
     if name not in BASE_POLICIES:
         raise S2TError(f"unknown policy {name!r}: use one of {', '.join(BASE_POLICIES)}, maj@K, pass@K")
     if name == "s2t-local":
-        adapter, _, rest = file.partition(",")
-        thr, _, mode = rest.partition(",")
-        mode = mode or "coupled"
-        if not adapter or not thr or mode not in LOCAL_MODES:
-            raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR,THRESHOLDS.json[,coupled|decoupled]")
+        from ..local.bundle import bundled_trigger
+
+        adapter, *rest = file.split(",")
+        modes = [r for r in rest if r in LOCAL_MODES]
+        files = [r for r in rest if r not in LOCAL_MODES]
+        if not adapter or len(modes) > 1 or len(files) > 1 or len(rest) > 2:
+            raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR[,THRESHOLDS.json][,coupled|decoupled]")
+        mode = modes[0] if modes else "coupled"
+        thr = files[0] if files else bundled_trigger(adapter)
+        if thr is None:
+            raise S2TError(f"{adapter} ships no trigger: write s2t-local={adapter},THRESHOLDS.json")
         trigger = json.loads(Path(thr).read_text()).get("trigger") if Path(thr).is_file() else None
         if trigger is None:
             raise S2TError(f"threshold file not found or not from `s2t calibrate`: {thr}")
         suffix = ",decoupled" if mode == "decoupled" else ""
-        label = f"s2t-local[{Path(adapter).name},{Path(thr).stem}{suffix}]"  # the selector, its trigger, its mode
-        return PolicySpec(label, name, 1, thr, adapter, trigger, mode)
+        trig = "learned" if not files else Path(thr).stem
+        label = f"s2t-local[{Path(adapter).name},{trig}{suffix}]"  # the selector, its trigger, its mode
+        return PolicySpec(label, name, 1, str(thr), adapter, trigger, mode)
     if name in ("s2t", "takeover"):
         if not file:
             raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")

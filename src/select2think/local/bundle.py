@@ -1,0 +1,55 @@
+"""An S2T-Local bundle: a trained selector and its learned trigger in one directory, ready to ship.
+
+`s2t train` keeps full-precision weights and optimizer state so that it can resume; a bundle keeps only
+what decoding needs, the LoRA in bf16 (the SLM runs in bf16 anyway), so the default pair's selector
+fits in the repository. `s2t-local=BUNDLE` then needs no separate threshold file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import S2TError
+
+TRIGGER = "trigger.json"
+SHIPPED = Path(__file__).resolve().parent.parent / "shipped"
+
+
+def export_bundle(selector: str | Path, trigger: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    from safetensors.torch import load_file, save_file
+
+    selector, trigger, out = Path(selector), Path(trigger), Path(out)
+    for need in ("adapter_config.json", "adapter_model.safetensors", "reserved_rows.safetensors", "selector.json"):
+        if not (selector / need).is_file():
+            raise S2TError(f"{selector} is not a selector from `s2t train` (no {need})")
+    meta = json.loads(trigger.read_text()) if trigger.is_file() else {}
+    if meta.get("trigger") != "learned" or not (trigger.parent / meta.get("head", "")).is_file():
+        raise S2TError(f"{trigger} is not a learned trigger from `s2t train-trigger`")
+    sel_meta = json.loads((selector / "selector.json").read_text())
+    if meta.get("slm") != sel_meta.get("slm"):
+        raise S2TError(f"the trigger was trained for {meta.get('slm')!r}, the selector for {sel_meta.get('slm')!r}")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "reserved_rows.safetensors", "selector.json"):
+        shutil.copyfile(selector / name, out / name)
+    lora = load_file(selector / "adapter_model.safetensors")
+    save_file({k: v.to(torch_dtype).contiguous() for k, v in lora.items()}, out / "adapter_model.safetensors")
+    shutil.copyfile(trigger.parent / meta["head"], out / "trigger.safetensors")
+    (out / TRIGGER).write_text(json.dumps({**meta, "head": "trigger.safetensors"}, indent=2))
+    return out
+
+
+def bundled_trigger(selector: str | Path) -> Path | None:
+    """The learned trigger shipped inside a bundle, if any."""
+    path = Path(selector) / TRIGGER
+    return path if path.is_file() else None
+
+
+def shipped_bundle(slm: str) -> Path | None:
+    """The bundle this package ships for a named SLM (None if it ships none)."""
+    path = SHIPPED / slm.replace("/", "_")
+    return path if (path / "adapter_config.json").is_file() else None
