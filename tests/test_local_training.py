@@ -190,3 +190,19 @@ def test_bundle_ships_selector_and_trigger_and_decodes_with_no_threshold_file(co
                  "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stats"]["llm_forwards"] == 0
     assert main(["generate", "2+2?", "--slm", "tiny-slm", "--policy", "s2t-local", "--dtype", "fp32"]) == 2  # none ships
+
+
+def test_demo_adds_s2t_local_when_a_bundle_ships(collected, tmp_path, monkeypatch, tiny_pair):
+    import select2think.demo as demo
+    from select2think.local.bundle import export_bundle
+    from select2think.local.trigger_head import train_trigger_head
+
+    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(tmp_path / "sel"), epochs=1,
+                          max_groups=2, dtype="fp32", device="cpu"), progress=False)
+    train_trigger_head(collected / "groups", tmp_path / "trig.json", "tiny-slm", epochs=20)
+    bundle = export_bundle(tmp_path / "sel", tmp_path / "trig.json", tmp_path / "bundle")
+    monkeypatch.setattr(demo, "shipped_bundle", lambda slm: bundle if slm == "tiny-slm" else None)
+    pair = load_pair("tiny-slm", "tiny-llm", dtype="fp32", device="cpu")
+    rows = demo.run_demo(pair, n=1, max_new_tokens=6, n_calib=1)
+    assert [r.policy.split(" ")[0] for r in rows] == ["greedy", "llm", "s2t", "s2t-local"]
+    assert rows[-1].llm_forwards == 0 and rows[-1].tokens > 0

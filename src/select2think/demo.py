@@ -1,4 +1,5 @@
-"""`s2t demo`: the headline on a few GSM8K test problems: greedy SLM, LLM alone and S2T, side by side.
+"""`s2t demo`: the headline on a few GSM8K test problems: greedy SLM, LLM alone, S2T and, when the package
+ships a selector for the SLM, S2T-Local (no LLM), side by side.
 
 S2T's kl threshold is calibrated on gsm_symbolic:calib (never on the test set) and cached.
 """
@@ -15,8 +16,14 @@ from .decoding.calibrate import calibrate, load_threshold
 from .eval.datasets import load_dataset, load_gsm_symbolic
 from .eval.grading import extract_answer, is_correct
 from .eval.prompts import math_prompt
+from .local.bundle import bundled_trigger, shipped_bundle
+from .local.train import apply_selector
+from .local.trigger_head import load_learned_trigger
 from .models.cache import cache_root
 from .models.pair import ModelPair
+
+
+LOCAL_DEMO_MODE = "coupled"
 
 
 @dataclass
@@ -55,12 +62,24 @@ def run_demo(pair: ModelPair, n: int = 5, max_new_tokens: int = 512, quantile: f
                                                      max_new_tokens=max_new_tokens)),
     ]
     rows = []
-    for label, cfg in configs:
+
+    def run(label: str, cfg: DecodeConfig, trigger=None) -> None:
         console.print(f"running {label} on {n} GSM8K test problems ...")
-        res = generate(pair, prompts, cfg, batch_size=1)
+        res = generate(pair, prompts, cfg, batch_size=1, trigger=trigger)
         correct = sum(is_correct(extract_answer(t), i.answer) for t, i in zip(res.texts, items))
         st = res.stats
         rows.append(DemoRow(label, correct, n, st.generated_tokens, st.llm_forwards, st.trigger_rate, st.wall_time_s))
+
+    for label, cfg in configs:
+        run(label, cfg)
+    bundle = shipped_bundle(pair.slm_name)
+    if bundle is not None:  # last: merging the selector rewrites the SLM's weights in place
+        trigger_file = bundled_trigger(bundle)
+        threshold = load_threshold(trigger_file, "learned", pair.slm_name, None)
+        apply_selector(pair, bundle, mode=LOCAL_DEMO_MODE)
+        run(f"s2t-local (shipped selector, learned trigger, {LOCAL_DEMO_MODE}; no LLM)",
+            DecodeConfig(policy="s2t-local", trigger="learned", threshold=threshold, k=8, max_new_tokens=max_new_tokens,
+                         local_mode=LOCAL_DEMO_MODE), load_learned_trigger(trigger_file))
     table = Table(title=f"{pair.slm_name} vs {pair.llm_name}: GSM8K test[0:{n}], max_new_tokens={max_new_tokens}")
     for col in ("policy", "correct", "tokens", "LLM forwards/token", "trigger rate", "time vs greedy"):
         table.add_column(col, justify="left" if col == "policy" else "right")
