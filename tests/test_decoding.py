@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from select2think import DecodeConfig, S2TError, generate
 from select2think.decoding.calibrate import calibrate, load_threshold, step_statistics
@@ -155,3 +156,36 @@ def test_a_row_finishing_before_any_trigger_does_not_break_the_batch(tiny_pair, 
     fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=2)
     assert [g.token_ids for g in fast.generations] == [g.token_ids for g in ref.generations]
     assert fast.generations[0].finish_reason == "eos" and fast.stats.triggers > 0
+
+
+def test_retired_rows_leave_the_cache_and_the_others_decode_unchanged(tiny_pair):
+    from select2think.backends import HFBackend
+    from select2think.decoding.state import left_pad
+
+    prompts = [[1, 504, 2201, 30], [7, 8], [99, 17, 30]]
+    ids, live = left_pad(prompts, 0)
+    kept, whole = HFBackend(tiny_pair.slm, tiny_pair.vocab_size), HFBackend(tiny_pair.slm, tiny_pair.vocab_size)
+    for b in (kept, whole):
+        b.reset(3)
+        b.extend(ids, live)
+    kept.retire([1])
+    assert kept.cache.layers[0].keys.shape[0] == 2 and kept.rows == [0, 2]
+    for step in ([5], [6]):
+        feed = torch.tensor([step * 3]).T
+        a = kept.extend(feed, torch.tensor([[True], [False], [True]]))
+        b = whole.extend(feed, torch.tensor([[True], [False], [True]]))
+        assert torch.allclose(a[[0, 2]], b[[0, 2]], atol=1e-4) and not a[1].any()
+    assert kept.row_tokens == whole.row_tokens == [6, 2, 5]
+
+
+@pytest.mark.parametrize("policy,extra", [("greedy", {}), ("sample", {"seed": 3}), ("llm", {}),
+                                          ("s2t", {"trigger": "always", "fast": False})])
+def test_a_row_retired_early_leaves_the_batch_output_unchanged(tiny_pair, policy, extra):
+    prompts = ["Hi", "Tell me a long story about a cat and a dog.", "Count to ten."]
+    free = generate(tiny_pair, prompts[:1], DecodeConfig(policy=policy, max_new_tokens=10, **extra), batch_size=1)
+    cfg = DecodeConfig(policy=policy, max_new_tokens=10, extra_eos=(free.generations[0].token_ids[1],), **extra)
+    alone = generate(tiny_pair, prompts, cfg, batch_size=1)
+    batched = generate(tiny_pair, prompts, cfg, batch_size=3)
+    assert batched.generations[0].finish_reason == "eos" and len(batched.generations[0].token_ids) == 2
+    assert [g.token_ids for g in batched.generations] == [g.token_ids for g in alone.generations]
+    assert batched.stats.generated_tokens == alone.stats.generated_tokens

@@ -4,6 +4,7 @@ The cache has B rows of T slots. `slot_mask[b, t]` says whether slot t of row b 
 left padding, finished rows and rolled-back draft tokens are dead slots that no query attends to.
 Positions are counted over live slots only, so a row's tokens see exactly what they would see alone.
 Rolling back marks slots dead (and physically crops slots that are dead in every row).
+Finished rows can be retired: they leave the cache, and later forwards run on the remaining rows only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class HFBackend:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.row_forwards = [0] * batch_size  # forwards in which the row had a live token
         self.row_tokens = [0] * batch_size  # live tokens the row put through the model
+        self.rows = list(range(batch_size))  # the rows still in the cache, in cache order
 
     @property
     def num_slots(self) -> int:
@@ -42,8 +44,12 @@ class HFBackend:
         Logits are cut to the tokenizer's vocabulary and banned ids set to -inf. `logits=False` only
         fills the cache (a catch-up whose predictions nobody reads) and skips the vocabulary projection.
         """
+        full_batch = tokens.shape[0]
+        held = self._held()
         tokens = tokens.to(self.device)
         live = live.to(self.device)
+        if held is not None:
+            tokens, live = tokens[held], live[held]
         positions = (self.lengths[:, None] + live.long().cumsum(1) - 1).clamp(min=0)
         attention = torch.cat([self.slot_mask, live], dim=1)
         out = self.model(
@@ -59,12 +65,38 @@ class HFBackend:
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
         self._count(live)
-        return self.text_logits(out.logits.float()) if logits else None
+        if not logits:
+            return None
+        text = self.text_logits(out.logits.float())
+        if held is None:
+            return text
+        full = text.new_zeros((full_batch, *text.shape[1:]))  # retired rows get zeros nobody reads
+        full[held] = text
+        return full
+
+    def _held(self) -> torch.Tensor | None:
+        """Indices of the rows still in the cache, or None while no row has been retired."""
+        n = len(self.row_tokens)
+        return None if len(self.rows) == n else torch.tensor(self.rows, device=self.device)
+
+    def retire(self, finished) -> None:
+        """Drop finished rows from the cache so that later forwards skip them (`extend` only: the
+        tree and rollback methods below assume every row is still held)."""
+        finished = set(finished)
+        keep = [i for i, r in enumerate(self.rows) if r not in finished]
+        if len(keep) == len(self.rows) or not keep:
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.slot_mask, self.lengths = self.slot_mask[idx], self.lengths[idx]
+        self.rows = [self.rows[i] for i in keep]
+        self.compact_tail()
 
     def _count(self, live: torch.Tensor) -> None:
         self.forwards += 1
         self.tokens += int(live.sum())
-        for r, n in enumerate(live.sum(1).tolist()):
+        for j, n in enumerate(live.sum(1).tolist()):
+            r = self.rows[j]  # the cache's j-th row
             self.row_tokens[r] += n
             self.row_forwards[r] += n > 0
 

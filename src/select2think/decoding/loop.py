@@ -38,6 +38,11 @@ def decode_reference(proposer, llm, tokenizer, vocab_size, banned, prompts, poli
         feed, feed_live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, pad_id)
         if not feed_live.any():
             break
+        finished = [r for r in view.active if rows[r].done]
+        if finished:  # finished rows leave the batch: the rest decode as fast as a smaller batch
+            slm.retire(finished)
+            if big:
+                big.retire(finished)
         s_logits = slm.extend(feed, feed_live)[:, -1]
         if big:
             l_logits = big.extend(feed, feed_live)[:, -1]

@@ -75,16 +75,19 @@ def tree_batch(context: list[int], cands: list[int], device, dtype):
 
 
 def candidate_logits(model, context: list[int], cands: list[int], layout: str = "tree") -> torch.Tensor:
-    """Raw logits [K, V_all] at each candidate's position. Only those positions go through the
-    vocabulary projection (`logits_to_keep`): the prefix's logits would cost a [L, V] matmul and its
-    gradient buffer, for nothing the loss reads."""
+    """Raw logits [K, V_all] at each candidate's position. Only those K positions go through the
+    vocabulary projection, and as one 2D matmul: a 3D [1, K, H] input makes `linear` batch the [V, H]
+    head through a contiguous copy of it (~0.3 s per call for a 152k vocabulary on this CPU)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    backbone, head = model.get_decoder(), model.get_output_embeddings()
     if layout == "tree":
         ids, pos, mask = tree_batch(context, cands, device, dtype)
-        return model(input_ids=ids, position_ids=pos, attention_mask=mask, logits_to_keep=len(cands)).logits[0].float()
-    batch = torch.tensor([context + [c] for c in cands], device=device)
-    return model(input_ids=batch, logits_to_keep=1).logits[:, -1].float()
+        hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0, -len(cands):]
+    else:
+        batch = torch.tensor([context + [c] for c in cands], device=device)
+        hidden = backbone(input_ids=batch).last_hidden_state[:, -1]
+    return head(hidden).float()
 
 
 def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
