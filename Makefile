@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export S2T_CACHE ?= $(HOME)/.cache/select2think
 
-.PHONY: install models demo test test-fast bench eval-gsm8k clean
+.PHONY: install models demo test test-fast bench eval-gsm8k selector clean
 
 $(VENV)/.installed: pyproject.toml requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,20 @@ eval-gsm8k: $(EVAL_OUT)/kl99.json $(EVAL_OUT)/kl90.json
 	$(VENV)/bin/s2t eval --llm qwen2.5-coder-1.5b-instruct --dataset gsm8k --limit $(EVAL_N) --max-new-tokens 512 \
 		--batch-size 16 $(foreach p,$(EVAL_POLICIES),--policy $(p)) --out $(EVAL_OUT)
 	$(VENV)/bin/s2t report $(EVAL_OUT)
+
+# The shipped S2T-Local bundle, from scratch: the LLM's selections on 64 gsm_symbolic:train problems
+# (kl q0.90, K = 16), one epoch of LoRA + reserved rows, the learned trigger, then a bf16 bundle.
+# About 2 hours on the 2-core CPU (collect ~25 min, train ~1.5 h); every step resumes if rerun.
+SEL_WORK ?= runs/selector
+SEL_OUT ?= src/select2think/shipped/qwen2.5-coder-0.5b-instruct
+$(SEL_WORK)/kl90.json: $(VENV)/.models
+	$(VENV)/bin/s2t calibrate --trigger kl --quantile 0.90 --dataset gsm_symbolic:calib --limit 20 --out $@
+
+selector: $(SEL_WORK)/kl90.json
+	$(VENV)/bin/s2t collect --dataset gsm_symbolic:train --limit 64 --threshold-file $< --batch-size 16 --out $(SEL_WORK)/groups
+	$(VENV)/bin/s2t train --groups $(SEL_WORK)/groups --out $(SEL_WORK)/selector --epochs 1 --dtype bf16 --lora-dropout 0
+	$(VENV)/bin/s2t train-trigger --groups $(SEL_WORK)/groups --out $(SEL_WORK)/trigger/learned.json
+	$(VENV)/bin/s2t bundle --selector $(SEL_WORK)/selector --trigger $(SEL_WORK)/trigger/learned.json --out $(SEL_OUT)
 
 clean:
 	rm -rf $(VENV)

@@ -206,3 +206,18 @@ def test_demo_adds_s2t_local_when_a_bundle_ships(collected, tmp_path, monkeypatc
     rows = demo.run_demo(pair, n=1, max_new_tokens=6, n_calib=1)
     assert [r.policy.split(" ")[0] for r in rows] == ["greedy", "llm", "s2t", "s2t-local"]
     assert rows[-1].llm_forwards == 0 and rows[-1].tokens > 0
+
+
+def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_path):
+    from safetensors.torch import load_file
+
+    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(tmp_path / "sel"), epochs=1,
+                          max_groups=2, dtype="fp32", device="cpu"), progress=False)
+    pair = apply_selector(load_pair("tiny-slm", None, dtype="bf16", device="cpu"), tmp_path / "sel")
+    rows = load_file(tmp_path / "sel" / "reserved_rows.safetensors")["weight"]
+    ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30]
+    with torch.no_grad():
+        raw = candidate_logits(pair.slm, ctx, cands)
+        hidden = pair.slm.get_decoder()(input_ids=torch.tensor([ctx + [cands[0]]])).last_hidden_state[0, -1]
+    assert raw.dtype == torch.float32
+    assert torch.allclose(raw[0, list(pair.reserved_ids)], hidden.float() @ rows.T, atol=1e-4)

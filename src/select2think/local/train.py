@@ -34,7 +34,8 @@ class TrainConfig:
     out: str
     epochs: int = 2
     lr: float = 2e-4
-    head_lr: float = 1e-3
+    head_lr: float = 1e-4  # Adam moves every element ~lr per step; the rows' elements are ~0.01
+    max_grad_norm: float = 1.0
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -202,6 +203,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     model, rows = prepare_model(pair.slm, reserved, cfg)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
+    params = lora + [rows.weight]
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
                              {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
     out = Path(cfg.out)
@@ -240,6 +242,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
                 loss, _, _ = group_loss(model, train[order[step]], reserved, pair.vocab_size, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 total += loss.item()
                 step += 1
@@ -274,8 +277,10 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     model = PeftModel.from_pretrained(pair.slm, path)
     if mode == "coupled":
         model = model.merge_and_unload()
-    head = model.get_output_embeddings().weight
+    head = model.get_output_embeddings()
     with torch.no_grad():
-        head[list(reserved)] = rows["weight"].to(head.dtype).to(head.device)
+        head.weight[list(reserved)] = rows["weight"].to(head.weight.dtype).to(head.weight.device)
+        # and score in fp32 as training did: a bf16 head rounds logits near 10 to 1/32, enough to tie candidates
+        ReservedRows(head, reserved).weight.requires_grad_(False).copy_(rows["weight"])
     pair.slm = model.eval()
     return pair
