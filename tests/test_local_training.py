@@ -160,7 +160,7 @@ def test_train_cli_prints_the_untrained_and_trained_agreement(collected, tmp_pat
     assert main(["train", "--slm", "tiny-slm", "--groups", str(collected / "groups"), "--out", str(tmp_path / "s"),
                  "--epochs", "1", "--max-groups", "4", "--dtype", "fp32", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "epoch 0: untrained" in out and "epoch 1: loss" in out and "SLM top-1" in out
+    assert "epoch 0: untrained" in out and "epoch 1: loss" in out and "SLM top-1" in out and "tied" in out
     assert main(["train", "--slm", "tiny-slm", "--groups", str(tmp_path / "none"), "--out", str(tmp_path / "s2")]) == 2
 
 
@@ -221,3 +221,17 @@ def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_pat
         hidden = pair.slm.get_decoder()(input_ids=torch.tensor([ctx + [cands[0]]])).last_hidden_state[0, -1]
     assert raw.dtype == torch.float32
     assert torch.allclose(raw[0, list(pair.reserved_ids)], hidden.float() @ rows.T, atol=1e-4)
+
+
+def test_validation_flags_a_collapsed_score_head(collected):
+    from select2think.local.train import evaluate
+
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="")
+    model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
+    groups = load_groups(collected / "groups")[:4]
+    assert evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)["tied"] == 0.0
+    with torch.no_grad():
+        rows.weight[:] = rows.weight[0]  # every reserved row alike: every candidate scores the same
+    collapsed = evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)
+    assert collapsed["tied"] == 1.0 and collapsed["agree_at_1"] == collapsed["slm_top1_agree"]

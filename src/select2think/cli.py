@@ -272,7 +272,7 @@ def train(
     out: str = typer.Option(..., help="selector directory (rerun to resume)"),
     epochs: int = typer.Option(2),
     lr: float = typer.Option(2e-4),
-    head_lr: float = typer.Option(1e-3),
+    head_lr: float = typer.Option(1e-4),
     lora_r: int = typer.Option(16),
     lora_dropout: float = typer.Option(0.05, help="0 skips the dropout masks (about half a CPU step's time)"),
     max_groups: Optional[int] = typer.Option(None),
@@ -290,7 +290,11 @@ def train(
     for h in res["history"]:
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
         console.print(f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
-                      f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f} ({h['n']} groups)")
+                      f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%} "
+                      f"({h['n']} groups)")
+    if res["history"][-1].get("tied", 0) > 0.5:
+        console.print("warning: most validation groups score all candidates alike (the score softmax collapsed "
+                      "onto one reserved row); the selector will act like greedy. Lower --head-lr.")
 
 
 @app.command("train-trigger")

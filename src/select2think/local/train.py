@@ -166,10 +166,14 @@ def save_selector(model, rows: ReservedRows, reserved, out: Path, meta: dict) ->
     (out / "selector.json").write_text(json.dumps(meta, indent=2))
 
 
+TIED = 1e-3  # a group whose K scores all lie within this is tied: argmax falls back to the SLM's top-1
+
+
 def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
     """Agree@1 and Spearman with the LLM on held-out groups, beside the bar to clear: how often the SLM's
-    own top-1 (candidate 0, candidates being in SLM order) is already the LLM's choice."""
-    agree, slm_agree, rhos = 0, 0, []
+    own top-1 (candidate 0, candidates being in SLM order) is already the LLM's choice. `tied` counts
+    groups whose scores are all equal: the collapse where one reserved row wins every softmax."""
+    agree, slm_agree, tied, rhos = 0, 0, 0, []
     model.eval()
     with torch.no_grad():
         for g in groups:
@@ -178,10 +182,12 @@ def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
             q = torch.tensor(g["llm_probs"], device=s.device)
             agree += int(s.argmax() == q.argmax())
             slm_agree += int(q.argmax() == 0)
+            tied += int(float(s.max() - s.min()) < TIED)
             rhos.append(spearman(s, q))
     model.train()
     n = max(len(groups), 1)
-    return {"agree_at_1": agree / n, "slm_top1_agree": slm_agree / n, "spearman": sum(rhos) / n, "n": len(groups)}
+    return {"agree_at_1": agree / n, "slm_top1_agree": slm_agree / n, "spearman": sum(rhos) / n,
+            "tied": tied / n, "n": len(groups)}
 
 
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
