@@ -37,8 +37,7 @@ bench: $(VENV)/.models
 # The accuracy-per-compute table on GSM8K test (docs/results.md). Hours on a CPU; rerun to resume.
 EVAL_OUT ?= runs/gsm8k200
 EVAL_N ?= 200
-EVAL_POLICIES ?= greedy s2t=$(EVAL_OUT)/kl99.json takeover=$(EVAL_OUT)/kl99.json s2t=$(EVAL_OUT)/kl90.json \
-	s2t-local=src/select2think/shipped/qwen2.5-coder-0.5b-instruct llm maj@8
+EVAL_POLICIES ?= greedy s2t=$(EVAL_OUT)/kl99.json takeover=$(EVAL_OUT)/kl99.json s2t=$(EVAL_OUT)/kl90.json llm maj@8
 $(EVAL_OUT)/kl%.json: $(VENV)/.models
 	$(VENV)/bin/s2t calibrate --trigger kl --quantile 0.$* --dataset gsm_symbolic:calib --limit 20 --out $@
 
