@@ -106,7 +106,7 @@ def generate(
     if policy == "s2t-local":
         from .local.bundle import bundled_trigger, shipped_bundle
 
-        adapter = adapter or (str(shipped_bundle(slm)) if shipped_bundle(slm) else None)
+        adapter = adapter or shipped_bundle(slm)
         if adapter is None:
             raise S2TError(f"policy s2t-local needs --adapter (a selector from `s2t train`); none ships for {slm}")
         if trigger is None and threshold is None and threshold_file is None and bundled_trigger(adapter):
@@ -320,8 +320,6 @@ def bundle(
     """Pack a selector and its learned trigger into one directory for `s2t-local=BUNDLE` (no optimizer state)."""
     from .local.bundle import export_bundle
 
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise S2TError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
     path = export_bundle(selector, trigger, out, dtype)
     size = sum(f.stat().st_size for f in path.iterdir())
     console.print(f"bundle written to {path} ({size / 1e6:.1f} MB)")

@@ -11,9 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..errors import S2TError
+from ..models.loading import parse_dtype
 
 TRIGGER = "trigger.json"
 SHIPPED = Path(__file__).resolve().parent.parent / "shipped"
@@ -32,7 +31,7 @@ def export_bundle(selector: str | Path, trigger: str | Path, out: str | Path, dt
     sel_meta = json.loads((selector / "selector.json").read_text())
     if meta.get("slm") != sel_meta.get("slm"):
         raise S2TError(f"the trigger was trained for {meta.get('slm')!r}, the selector for {sel_meta.get('slm')!r}")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    torch_dtype = parse_dtype(dtype)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("adapter_config.json", "reserved_rows.safetensors", "selector.json"):
         shutil.copyfile(selector / name, out / name)
