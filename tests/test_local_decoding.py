@@ -93,3 +93,16 @@ def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_p
         generate(tiny_pair, prompts, DecodeConfig(**cfg))
     with pytest.raises(S2TError, match="coupled or decoupled"):
         DecodeConfig(policy="s2t-local", trigger="always", local_mode="both")
+
+
+@pytest.mark.parametrize("mode", ["coupled", "decoupled"])
+def test_local_rows_finishing_early_leave_both_caches_and_the_rest_decode_unchanged(adapted_pair, mode):
+    prompts = ["Hi", "Tell me a long story about a cat and a dog.", "Count to ten."]
+    cfg = dict(policy="s2t-local", trigger="always", k=8, max_new_tokens=12, local_mode=mode)
+    free = generate(adapted_pair, prompts[:1], DecodeConfig(**cfg), batch_size=1)
+    cfg = DecodeConfig(extra_eos=(free.generations[0].token_ids[1],), **cfg)
+    alone = generate(adapted_pair, prompts, cfg, batch_size=1)
+    batched = generate(adapted_pair, prompts, cfg, batch_size=3)
+    assert len(batched.generations[0].token_ids) == 2 and batched.stats.triggers > 0
+    assert [g.token_ids for g in batched.generations] == [g.token_ids for g in alone.generations]
+    assert batched.stats.slm_tokens == alone.stats.slm_tokens  # per-row accounting survives retirement

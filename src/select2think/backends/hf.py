@@ -61,27 +61,29 @@ class HFBackend:
             output_hidden_states=self.want_hidden,
             **({} if logits else {"logits_to_keep": 1}),
         )
-        self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
+        self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
         self._count(live)
         if not logits:
             return None
-        text = self.text_logits(out.logits.float())
-        if held is None:
-            return text
-        full = text.new_zeros((full_batch, *text.shape[1:]))  # retired rows get zeros nobody reads
-        full[held] = text
-        return full
+        return _to_batch(self.text_logits(out.logits.float()), held, full_batch)
 
     def _held(self) -> torch.Tensor | None:
         """Indices of the rows still in the cache, or None while no row has been retired."""
         n = len(self.row_tokens)
         return None if len(self.rows) == n else torch.tensor(self.rows, device=self.device)
 
+    def _slot_row(self, row: int) -> int:
+        """The cache row holding batch row `row`."""
+        try:
+            return self.rows.index(row)
+        except ValueError:
+            raise ValueError(f"row {row} was retired from the cache") from None
+
     def retire(self, finished) -> None:
-        """Drop finished rows from the cache so that later forwards skip them (`extend` only: the
-        tree and rollback methods below assume every row is still held)."""
+        """Drop finished rows from the cache so that later forwards skip them. Callers keep using batch
+        row numbers: inputs for retired rows are ignored and their outputs are zeros nobody reads."""
         finished = set(finished)
         keep = [i for i, r in enumerate(self.rows) if r not in finished]
         if len(keep) == len(self.rows) or not keep:
@@ -108,7 +110,11 @@ class HFBackend:
         tree attention mask), so one forward replaces K forwards of K prefix copies. The slots are
         added dead-until-accepted: call `accept_tree` to keep one candidate per row.
         """
+        full_batch = tokens.shape[0]
+        held = self._held()
         tokens, live = tokens.to(self.device), live.to(self.device)
+        if held is not None:
+            tokens, live = tokens[held], live[held]
         B, K = tokens.shape
         T = self.num_slots
         visible = torch.zeros(B, 1, K, T + K, dtype=torch.bool, device=self.device)
@@ -119,15 +125,16 @@ class HFBackend:
         positions = self.lengths[:, None].expand(B, K)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
                          use_cache=True, output_hidden_states=self.want_hidden)
-        self.last_hidden = out.hidden_states[-1].float() if self.want_hidden else None
+        self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
         self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
         self._count(live)
-        return out.logits.float()
+        return _to_batch(out.logits.float(), held, full_batch)
 
     def accept_tree(self, row: int, slot: int) -> None:
         """Keep the candidate at `slot` (from the last `extend_tree`) as the row's next token."""
-        self.slot_mask[row, slot] = True
-        self.lengths[row] += 1
+        j = self._slot_row(row)
+        self.slot_mask[j, slot] = True
+        self.lengths[j] += 1
 
     def text_logits(self, raw: torch.Tensor) -> torch.Tensor:
         """Cut raw logits to the tokenizer's vocabulary and mask banned ids."""
@@ -138,9 +145,10 @@ class HFBackend:
 
     def kill_slots(self, row: int, start_slot: int) -> None:
         """Roll row back: every slot from `start_slot` on becomes dead."""
-        killed = int(self.slot_mask[row, start_slot:].sum())
-        self.slot_mask[row, start_slot:] = False
-        self.lengths[row] -= killed
+        j = self._slot_row(row)
+        killed = int(self.slot_mask[j, start_slot:].sum())
+        self.slot_mask[j, start_slot:] = False
+        self.lengths[j] -= killed
 
     def compact_tail(self) -> None:
         """Physically drop trailing slots that are dead in every row."""
@@ -149,3 +157,12 @@ class HFBackend:
         if keep < self.num_slots:
             self.cache.crop(keep - self.num_slots)  # negative: number of slots to drop
             self.slot_mask = self.slot_mask[:, :keep]
+
+
+def _to_batch(x: torch.Tensor, held: torch.Tensor | None, full_batch: int) -> torch.Tensor:
+    """Outputs of the held rows placed at their batch rows; retired rows get zeros nobody reads."""
+    if held is None:
+        return x
+    full = x.new_zeros((full_batch, *x.shape[1:]))
+    full[held] = x
+    return full

@@ -21,7 +21,7 @@ import torch
 
 from ..backends import HFBackend
 from ..errors import S2TError
-from .local_scorer import naive_scores, score_from_logits
+from .local_scorer import naive_scores, score_from_logits, with_prior
 from .policy import Policy
 from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
 
@@ -82,8 +82,10 @@ class _LaggingScorer:
 
 
 def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, make_row, row_seeds, pad_id,
-                 k: int, fast: bool = True, mode: str = "coupled") -> tuple[list[RowState], DecodeStats]:
-    """`mode` is one of config.LOCAL_MODES, validated by DecodeConfig."""
+                 k: int, fast: bool = True, mode: str = "coupled", prior_weight: float = 0.0
+                 ) -> tuple[list[RowState], DecodeStats]:
+    """`mode` is one of config.LOCAL_MODES, validated by DecodeConfig; `prior_weight` is the selector's
+    (local_scorer.with_prior): the generating model's log-probs of the candidates join their scores."""
     t0 = time.perf_counter()
     B = len(prompts)
     decoupled = mode == "decoupled"
@@ -102,6 +104,7 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
                                hidden=hidden[view.idx] if hidden is not None else None)
         tokens = policy.base.select(s_lp, None, view.keys).clone()
         cands = s_lp.topk(k, dim=-1).indices
+        cand_lp = s_lp.gather(-1, cands)
         new_logits = None
         if fired.any() and fast and not decoupled:
             feed = torch.full((B, k), pad_id, dtype=torch.long)
@@ -113,12 +116,12 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
                     feed[r, 0], feed_live[r, 0] = int(tokens[j]), True
             base_slot = slm.num_slots
             raw = slm.extend_tree(feed, feed_live)
-            scores = score_from_logits(raw, reserved)  # [B, K]
+            scores = score_from_logits(raw, reserved)  # [B, K], rows by batch index r
             text = slm.text_logits(raw)
             new_logits = s_logits.clone()
             new_hidden = hidden.clone() if hidden is not None else None
             for j, r in enumerate(active):
-                pick = int(scores[r].argmax()) if fired[j] else 0
+                pick = int(with_prior(scores[r], cand_lp[j], prior_weight).argmax()) if fired[j] else 0
                 if fired[j]:
                     tokens[j] = cands[j, pick]
                 slm.accept_tree(r, base_slot + pick)
@@ -127,7 +130,7 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
                     new_hidden[r] = slm.last_hidden[r, pick]
         elif fired.any() and scorer is not None:
             js = fired.nonzero().flatten().tolist()
-            scores = scorer.score([active[j] for j in js], cands[js])
+            scores = with_prior(scorer.score([active[j] for j in js], cands[js]), cand_lp[js], prior_weight)
             for n, j in enumerate(js):
                 pick = int(scores[n].argmax())
                 tokens[j] = cands[j, pick]
@@ -135,13 +138,18 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
         elif fired.any():
             for j, r in enumerate(active):
                 if fired[j]:
-                    sc = naive_scores(model, history[r], cands[j].tolist(), reserved)
+                    sc = with_prior(naive_scores(model, history[r], cands[j].tolist(), reserved), cand_lp[j], prior_weight)
                     tokens[j] = cands[j, int(sc.argmax())]
         for j, r in enumerate(active):
             history[r].append(int(tokens[j]))
             if scorer is not None and not fired[j]:
                 scorer.follow(r, int(tokens[j]))
         feed, mask = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), None, pad_id)
+        finished = [r for r in active if rows[r].done]
+        if finished:  # finished rows leave the batch: the rest decode as fast as a smaller batch
+            slm.retire(finished)
+            if scorer is not None:
+                scorer.backend.retire(finished)
         if new_logits is not None:
             s_logits, hidden = new_logits, new_hidden  # the tree forward already advanced every active row
             continue
