@@ -47,7 +47,7 @@ def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30, 40]
     before = candidate_logits(pair.slm, ctx, cands)
-    cfg = TrainConfig(slm="tiny-slm", groups="", out="")
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)  # the paper's head alone
     model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
     assert torch.allclose(candidate_logits(model, ctx, cands), before, atol=1e-5)  # LoRA B = 0, rows = head rows
     loss, _, _ = group_loss(model, {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]},
@@ -227,7 +227,7 @@ def test_validation_flags_a_collapsed_score_head(collected):
     from select2think.local.train import evaluate
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
-    cfg = TrainConfig(slm="tiny-slm", groups="", out="")
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)
     model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
     groups = load_groups(collected / "groups")[:4]
     assert evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)["tied"] == 0.0
@@ -235,3 +235,38 @@ def test_validation_flags_a_collapsed_score_head(collected):
         rows.weight[:] = rows.weight[0]  # every reserved row alike: every candidate scores the same
     collapsed = evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)
     assert collapsed["tied"] == 1.0 and collapsed["agree_at_1"] == collapsed["slm_top1_agree"]
+
+
+def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(collected, tmp_path):
+    from select2think.local.train import evaluate, group_scores, save_selector
+
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="")
+    assert cfg.prior_weight > 0  # the default
+    model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
+    groups = load_groups(collected / "groups")
+    untrained = evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)
+    assert untrained["tied"] == 1.0 and untrained["agree_at_1"] == untrained["slm_top1_agree"]
+    g = groups[0]
+    scores, _, head = group_scores(model, g, pair.reserved_ids, pair.vocab_size, cfg)
+    slm_logp = torch.tensor(g["slm_probs"]).log()
+    assert torch.allclose(head, torch.full_like(head, 0.5))
+    assert torch.allclose(scores - 0.5, cfg.prior_weight * slm_logp, atol=1e-4)  # the prior is the SLM's log-prob
+    save_selector(model, rows, pair.reserved_ids, tmp_path / "untrained", {"slm": "tiny-slm", "prior_weight": 0.1})
+    prompts = ["What is 2+2?", "Name a fruit."]
+    ids = lambda r: [x.token_ids for x in r.generations]
+    greedy = generate(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), prompts,
+                      DecodeConfig(policy="greedy", max_new_tokens=16))
+    local = dict(policy="s2t-local", trigger="always", max_new_tokens=16)
+    as_greedy = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), tmp_path / "untrained")
+    assert as_greedy.selector_prior == 0.1
+    assert ids(generate(as_greedy, prompts, DecodeConfig(**local))) == ids(greedy)
+
+    out = tmp_path / "trained"
+    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=12,
+                          dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2), progress=False)
+    for mode in ("coupled", "decoupled"):
+        trained = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out, mode=mode)
+        fast = generate(trained, prompts, DecodeConfig(local_mode=mode, **local))
+        spec = generate(trained, prompts, DecodeConfig(local_mode=mode, fast=False, **local), batch_size=1)
+        assert ids(fast) == ids(spec), mode  # tree scoring + prior == K full prefixes + prior

@@ -274,6 +274,8 @@ def train(
     lr: float = typer.Option(2e-4),
     head_lr: float = typer.Option(1e-4),
     lora_r: int = typer.Option(16),
+    prior_weight: float = typer.Option(0.1, help="weight of the SLM's own log-prob in each candidate's score: "
+                                       "the untrained selector is then greedy; 0 = the paper's head alone"),
     lora_dropout: float = typer.Option(0.05, help="0 skips the dropout masks (about half a CPU step's time)"),
     max_groups: Optional[int] = typer.Option(None),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
@@ -285,7 +287,7 @@ def train(
     from .local.train import TrainConfig, run_train
 
     res = run_train(TrainConfig(slm=slm, groups=groups, out=out, epochs=epochs, lr=lr, head_lr=head_lr, lora_r=lora_r,
-                                lora_dropout=lora_dropout, checkpoint_every=checkpoint_every, max_groups=max_groups,
+                                prior_weight=prior_weight, lora_dropout=lora_dropout, checkpoint_every=checkpoint_every, max_groups=max_groups,
                                 layout=layout, dtype=dtype, device=device))
     for h in res["history"]:
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
@@ -293,8 +295,9 @@ def train(
                       f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%} "
                       f"({h['n']} groups)")
     if res["history"][-1].get("tied", 0) > 0.5:
-        console.print("warning: most validation groups score all candidates alike (the score softmax collapsed "
-                      "onto one reserved row); the selector will act like greedy. Lower --head-lr.")
+        console.print("warning: the head scores most validation groups' candidates alike (untrained, or its "
+                      "softmax collapsed onto one reserved row); the selector will act like greedy. Train longer "
+                      "or lower --head-lr.")
 
 
 @app.command("train-trigger")

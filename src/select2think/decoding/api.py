@@ -101,7 +101,7 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
         elif cfg.policy == "s2t-local":
             rows, st = decode_local(pair.slm, pair.vocab_size, pair.banned_ids, require_reserved(pair), chunk,
                                     policy, make_row, chunk_seeds, pad_id, k=cfg.k, fast=cfg.fast,
-                                    mode=cfg.local_mode)
+                                    mode=cfg.local_mode, prior_weight=pair.selector_prior)
         elif path == "reference":
             rows, st = decode_reference(pair.slm, pair.llm if policy.needs_llm else None, *common)
         elif path == "draft-verify":

@@ -1,4 +1,9 @@
-"""The reserved-token score head: score(c) = softmax(reserved logits at c's position) . linspace(0, 1, 16)."""
+"""The reserved-token score head: score(c) = softmax(reserved logits at c's position) . linspace(0, 1, 16).
+
+A selector may add a prior: pick argmax_c score(c) + w * log p_SLM(c | prefix). With w equal to the training
+temperature, the softmax the loss sees starts as the SLM's own distribution over its top-K, so an untrained
+head (all reserved rows alike, every score 0.5) selects exactly what greedy would and training only has to
+learn where to overrule the SLM. w = 0 is the paper's head alone."""
 
 from __future__ import annotations
 
@@ -13,6 +18,11 @@ def score_from_logits(raw_logits: torch.Tensor, reserved_ids) -> torch.Tensor:
     probs = raw_logits.index_select(-1, ids).float().softmax(-1)
     levels = torch.linspace(0, 1, len(reserved_ids), device=raw_logits.device)
     return probs @ levels
+
+
+def with_prior(scores: torch.Tensor, cand_logp: torch.Tensor, prior_weight: float) -> torch.Tensor:
+    """What the winner is picked by: head scores [..., K] plus `prior_weight` x the candidates' SLM log-probs."""
+    return scores if not prior_weight else scores + prior_weight * cand_logp.to(scores.device, scores.dtype)
 
 
 def require_reserved(pair) -> tuple[int, ...]:

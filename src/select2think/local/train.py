@@ -6,6 +6,11 @@ K copies of the prefix instead and exists to measure the difference.
 
 loss = CE(softmax(scores / T), LLM's best) + hinge(best - best negative) + KL(LLM || softmax(scores / T))
        + 0.1 * KL(adapted || base) on the text vocabulary (base = the same model, adapter disabled)
+
+With `prior_weight` w > 0 (the default, w = T) a candidate's score is the head's plus w x its log-prob under
+the model being trained (local_scorer.with_prior), exactly as decoding will pick it, and the reserved rows
+start equal (zero), so the untrained selector is greedy and the loss only has to teach it where the SLM's
+top-1 is wrong. w = 0 is the paper's head alone, starting from the model's own (unused) padding rows.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..decoding.config import LOCAL_MODES
-from ..decoding.local_scorer import score_from_logits
+from ..decoding.local_scorer import score_from_logits, with_prior
 from ..errors import S2TError
 from ..eval.runner import read_lines
 
@@ -40,6 +45,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     temperature: float = 0.1
+    prior_weight: float = 0.1  # the SLM's log-prob joins each score (see module doc); 0 = the paper's head alone
     margin: float = 0.1
     w_ce: float = 1.0
     w_hinge: float = 1.0
@@ -58,6 +64,8 @@ class TrainConfig:
             raise S2TError(f"layout must be tree or naive, got {self.layout!r}")
         if self.epochs < 1:
             raise S2TError(f"epochs must be >= 1, got {self.epochs}")
+        if self.prior_weight < 0:
+            raise S2TError(f"prior_weight must be >= 0, got {self.prior_weight}")
         if self.checkpoint_every < 1:
             raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
 
@@ -75,25 +83,41 @@ def tree_batch(context: list[int], cands: list[int], device, dtype):
     return ids, pos, mask
 
 
-def candidate_logits(model, context: list[int], cands: list[int], layout: str = "tree") -> torch.Tensor:
-    """Raw logits [K, V_all] at each candidate's position. Only those K positions go through the
+def candidate_logits(model, context: list[int], cands: list[int], layout: str = "tree",
+                     with_prefix: bool = False) -> torch.Tensor:
+    """Raw logits [K, V_all] at each candidate's position ([1 + K, V_all] `with_prefix`: row 0 is the
+    prefix's own next-token logits, which the candidates came from). Only those positions go through the
     vocabulary projection, and as one 2D matmul: a 3D [1, K, H] input makes `linear` batch the [V, H]
     head through a contiguous copy of it (~0.3 s per call for a 152k vocabulary on this CPU)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     backbone, head = model.get_decoder(), model.get_output_embeddings()
+    K = len(cands)
     if layout == "tree":
         ids, pos, mask = tree_batch(context, cands, device, dtype)
-        hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0, -len(cands):]
+        hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+        hidden = hidden[-K - 1:] if with_prefix else hidden[-K:]
     else:
         batch = torch.tensor([context + [c] for c in cands], device=device)
-        hidden = backbone(input_ids=batch).last_hidden_state[:, -1]
+        out = backbone(input_ids=batch).last_hidden_state
+        hidden = torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
     return head(hidden).float()
 
 
+def group_scores(model, group: dict, reserved, vocab_size: int, cfg: "TrainConfig"):
+    """(scores [K] as decoding picks by, raw candidate logits [K, V_all], head-only scores [K])."""
+    cands = group["candidates"]
+    raw = candidate_logits(model, group["context"], cands, cfg.layout, with_prefix=cfg.prior_weight > 0)
+    if cfg.prior_weight > 0:
+        prefix, raw = raw[0], raw[1:]
+        cand_logp = prefix[:vocab_size].log_softmax(-1)[torch.tensor(cands, device=raw.device)].detach()
+    head = score_from_logits(raw, reserved)
+    scores = with_prior(head, cand_logp, cfg.prior_weight) if cfg.prior_weight > 0 else head
+    return scores, raw, head
+
+
 def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
-    raw = candidate_logits(model, group["context"], group["candidates"], cfg.layout)
-    scores = score_from_logits(raw, reserved)
+    scores, raw, _ = group_scores(model, group, reserved, vocab_size, cfg)
     q = torch.tensor(group["llm_probs"], device=scores.device)
     q = q / q.sum()
     best = int(q.argmax())
@@ -133,12 +157,13 @@ class ReservedRows(torch.nn.Module):
     """The 16 reserved lm_head rows as their own trainable [16, H] fp32 parameter, written over the head's
     output by a forward hook. The full head (tied to the input embeddings in small Qwen models) stays
     frozen, so no dense [V, H] gradient or optimizer state is ever built for the 99.99% of rows that
-    must not move."""
+    must not move. `zero` starts every row at 0: all 16 logits equal, every candidate scores 0.5."""
 
-    def __init__(self, head: torch.nn.Linear, reserved):
+    def __init__(self, head: torch.nn.Linear, reserved, zero: bool = False):
         super().__init__()
         self.register_buffer("ids", torch.tensor(list(reserved), device=head.weight.device), persistent=False)
-        self.weight = torch.nn.Parameter(head.weight.detach()[list(reserved)].float().clone())
+        init = head.weight.detach()[list(reserved)].float().clone()
+        self.weight = torch.nn.Parameter(init.zero_() if zero else init)
         self.handle = head.register_forward_hook(self._override)
 
     def _override(self, module, args, out):
@@ -152,7 +177,7 @@ def prepare_model(slm_model, reserved, cfg: TrainConfig):
 
     model = get_peft_model(slm_model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=LORA_TARGETS, bias="none"))
-    rows = ReservedRows(model.get_output_embeddings(), reserved)
+    rows = ReservedRows(model.get_output_embeddings(), reserved, zero=cfg.prior_weight > 0)
     return model, rows
 
 
@@ -172,17 +197,17 @@ TIED = 1e-3  # a group whose K scores all lie within this is tied: argmax falls 
 def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
     """Agree@1 and Spearman with the LLM on held-out groups, beside the bar to clear: how often the SLM's
     own top-1 (candidate 0, candidates being in SLM order) is already the LLM's choice. `tied` counts
-    groups whose scores are all equal: the collapse where one reserved row wins every softmax."""
+    groups whose head scores are all equal: the collapse where one reserved row wins every softmax (and the
+    untrained head of a selector with a prior, which then picks as greedy does)."""
     agree, slm_agree, tied, rhos = 0, 0, 0, []
     model.eval()
     with torch.no_grad():
         for g in groups:
-            raw = candidate_logits(model, g["context"], g["candidates"], cfg.layout)
-            s = score_from_logits(raw, reserved)
+            s, _, head = group_scores(model, g, reserved, vocab_size, cfg)
             q = torch.tensor(g["llm_probs"], device=s.device)
             agree += int(s.argmax() == q.argmax())
             slm_agree += int(q.argmax() == 0)
-            tied += int(float(s.max() - s.min()) < TIED)
+            tied += int(float(head.max() - head.min()) < TIED)
             rhos.append(spearman(s, q))
     model.train()
     n = max(len(groups), 1)
@@ -226,7 +251,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         epoch, step, total, history = state["epoch"], state.get("step", 0), state.get("total", 0.0), state["history"]
-    meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "config": asdict(cfg), "train_groups": len(train),
+    meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "prior_weight": cfg.prior_weight,
+            "config": asdict(cfg), "train_groups": len(train),
             "val_groups": len(val)}
 
     def checkpoint():
@@ -289,4 +315,5 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
         # and score in fp32 as training did: a bf16 head rounds logits near 10 to 1/32, enough to tie candidates
         ReservedRows(head, reserved).weight.requires_grad_(False).copy_(rows["weight"])
     pair.slm = model.eval()
+    pair.selector_prior = float(meta.get("prior_weight", 0.0))  # selectors from before the prior had none
     return pair

@@ -78,6 +78,7 @@ class ModelPair:
     slm_name: str = ""
     llm_name: str = ""
     reserved_ids: tuple[int, ...] | None = None
+    selector_prior: float = 0.0  # S2T-Local: weight of the SLM's log-prob in a candidate's score (apply_selector)
     sources: dict = field(default_factory=dict)
 
     @property
