@@ -180,6 +180,8 @@ def test_retired_rows_leave_the_cache_and_the_others_decode_unchanged(tiny_pair)
 
 @pytest.mark.parametrize("policy,extra", [("greedy", {}), ("sample", {"seed": 3}), ("llm", {}),
                                           ("s2t", {"trigger": "always", "fast": False}),
+                                          ("s2t", {"trigger": "kl", "threshold": 0.0}),  # draft-verify
+                                          ("takeover", {"trigger": "entropy", "threshold": 0.0}),  # lazy LLM
                                           ("s2t-local", {"trigger": "always"})])
 def test_a_row_retired_early_leaves_the_batch_output_unchanged(tiny_pair, policy, extra):
     prompts = ["Hi", "Tell me a long story about a cat and a dog.", "Count to ten."]

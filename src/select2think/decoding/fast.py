@@ -69,6 +69,13 @@ class _LazyLLM:
         self.next_logits[row] = None
 
 
+def _retire(finished: list[int], slm: HFBackend, llm: _LazyLLM) -> None:
+    """Finished rows leave both caches: the rest decode as fast as a smaller batch (no-op for rows gone)."""
+    if finished:
+        slm.retire(finished)
+        llm.backend.retire(finished)
+
+
 def _stats(slm: HFBackend, llm: _LazyLLM, rows, t0) -> DecodeStats:
     stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens,
                         llm_forwards=llm.backend.forwards, llm_tokens=llm.backend.tokens)
@@ -145,6 +152,7 @@ def decode_draft_verify(slm_model, llm_model, tokenizer, vocab_size, banned, pro
                     llm.rollback(r, first_slot[r] + i, tokens[j])
                     break
             pos += len(drafts[r])
+        _retire([r for r in range(B) if rows[r].done], slm, llm)
         slm.compact_tail()
         llm.backend.compact_tail()
     return rows, _stats(slm, llm, rows, t0)
@@ -172,6 +180,7 @@ def decode_lazy(slm_model, llm_model, tokenizer, vocab_size, banned, prompts, po
         feed, mask = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, pad_id)
         for j, r in enumerate(view.active):  # the LLM catches up on these tokens at its next trigger
             llm.pending[r] = llm.pending[r] + [int(tokens[j])] if mask[r, 0] else []
+        _retire([r for r in view.active if rows[r].done], slm, llm)
         if not mask.any():
             break
         new = slm.extend(feed, mask)[:, -1]
