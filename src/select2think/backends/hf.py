@@ -38,11 +38,14 @@ class HFBackend:
         return self.slot_mask.shape[1]
 
     @torch.no_grad()
-    def extend(self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+    def extend(self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True,
+               last_only: bool = False) -> torch.Tensor | None:
         """Append tokens [B, k] (dead where `live` is False); return float32 logits [B, k, vocab].
 
         Logits are cut to the tokenizer's vocabulary and banned ids set to -inf. `logits=False` only
-        fills the cache (a catch-up whose predictions nobody reads) and skips the vocabulary projection.
+        fills the cache (a catch-up whose predictions nobody reads) and skips the vocabulary projection;
+        `last_only` returns the last position's logits only [B, 1, vocab] (a prompt prefill: projecting
+        every position of 128 prompts onto a 152k vocabulary costs ~12 GB and minutes on a CPU).
         """
         full_batch = tokens.shape[0]
         held = self._held()
@@ -59,7 +62,7 @@ class HFBackend:
             cache=self.cache,
             use_cache=True,
             output_hidden_states=self.want_hidden,
-            **({} if logits else {"logits_to_keep": 1}),
+            **({"logits_to_keep": 1} if (last_only or not logits) else {}),
         )
         self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
         self.slot_mask = attention

@@ -91,7 +91,7 @@ def decode_draft_verify(slm_model, llm_model, tokenizer, vocab_size, banned, pro
     llm = _LazyLLM(llm_model, vocab_size, banned, prompts, pad_id)
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
-    s_logits = slm.extend(ids, live)[:, -1]
+    s_logits = slm.extend(ids, live, last_only=True)[:, -1]
     slm_pending: list[int | None] = [None] * B
     while any(not r.done for r in rows):
         # 1. rows cut in the last block feed their corrected token to the SLM
@@ -167,7 +167,7 @@ def decode_lazy(slm_model, llm_model, tokenizer, vocab_size, banned, prompts, po
     llm = _LazyLLM(llm_model, vocab_size, banned, prompts, pad_id)
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
-    s_logits = slm.extend(ids, live)[:, -1]
+    s_logits = slm.extend(ids, live, last_only=True)[:, -1]
     while (view := active_view(rows, s_logits, row_seeds)) is not None:
         s_lp = view.slm_logp
         fired, _ = policy.fire(s_lp, None, view.steps, view.keys)

@@ -95,7 +95,7 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
     scorer = _LaggingScorer(model, vocab_size, banned, prompts, pad_id, reserved) if decoupled and fast else None
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
-    s_logits = slm.extend(ids, live)[:, -1]
+    s_logits = slm.extend(ids, live, last_only=True)[:, -1]
     hidden = slm.last_hidden[:, -1] if slm.want_hidden else None
     history = [list(p) for p in prompts]
     while (view := active_view(rows, s_logits, row_seeds)) is not None:

@@ -27,8 +27,8 @@ def decode_reference(proposer, llm, tokenizer, vocab_size, banned, prompts, poli
         big.reset(B)
     rows = [make_row() for _ in range(B)]
     ids, live = left_pad(prompts, pad_id)
-    s_logits = slm.extend(ids, live)[:, -1]
-    l_logits = big.extend(ids, live)[:, -1] if big else None
+    s_logits = slm.extend(ids, live, last_only=True)[:, -1]
+    l_logits = big.extend(ids, live, last_only=True)[:, -1] if big else None
     while (view := active_view(rows, s_logits, row_seeds)) is not None:
         s_lp = view.slm_logp
         l_lp = l_logits[view.idx].log_softmax(-1) if big else None
