@@ -157,3 +157,18 @@ def test_report_prints_bracketed_policy_labels_verbatim(tmp_path, capsys):
     (tmp_path / "results.shard0of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["report", str(tmp_path)]) == 0
     assert "| s2t[kl99] | 2 | 50.0%" in capsys.readouterr().out
+
+
+def test_a_resumed_run_without_the_llm_keeps_its_size_for_the_compute_column(tmp_path):
+    from select2think.cli import main
+    from select2think.eval.report import build_report
+
+    base = ["eval", "--slm", "tiny-slm", "--llm", "tiny-llm", "--dataset", "gsm8k", "--limit", "2",
+            "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(base + ["--policy", "llm"]) == 0
+    assert main(base + ["--policy", "greedy", "--batch-size", "1"]) == 0  # loads no LLM
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert set(cfg["models"]) == {"slm", "llm"} and cfg["models"]["llm"]["params"] > 0
+    assert [(i["policies"], i["batch_size"]) for i in cfg["invocations"]] == [(["llm"], 8), (["greedy"], 1)]
+    llm = build_report(tmp_path)["policies"]["llm"]
+    assert llm["compute_vs_greedy"] > 0

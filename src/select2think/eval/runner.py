@@ -152,17 +152,20 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
+    """The run's identity, models and versions. A resumed run keeps what earlier invocations recorded
+    (an invocation without the LLM must not drop its size, which the report's compute column needs)
+    and appends itself to `invocations` with its batch size."""
     path = out / "config.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("identity") != cfg.identity():
-            raise S2TError(f"{out} holds a run with a different configuration; use another --out")
-        labels = sorted(set(old.get("policies", [])) | {s.label for s in specs})
-    else:
-        labels = [s.label for s in specs]
-    meta = {"identity": cfg.identity(), "policies": labels, "versions": _versions(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    meta["models"] = {}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old and old.get("identity") != cfg.identity():
+        raise S2TError(f"{out} holds a run with a different configuration; use another --out")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    labels = [s.label for s in specs]
+    meta = {"identity": cfg.identity(), "policies": sorted(set(old.get("policies", [])) | set(labels)),
+            "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "started": old.get("started", now), "models": dict(old.get("models", {})),
+            "invocations": old.get("invocations", []) + [{"at": now, "policies": labels,
+                                                          "batch_size": cfg.batch_size}]}
     for role, model in (("slm", pair.slm), ("llm", pair.llm)):
         if model is None:
             continue
