@@ -73,3 +73,21 @@ def test_sampler_is_seeded_per_key_and_validates():
         Sampler(temperature=0)
     with pytest.raises(S2TError):
         Sampler(top_p=1.5)
+
+
+@pytest.mark.parametrize("spread", [0.3, 30.0])  # a peaked row (nucleus inside the top-256) and a flat one (not)
+def test_sampler_draws_from_the_exact_nucleus(spread):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2000) * (1 / spread) * 10
+    sampler = Sampler(0.7, 0.9, seed=2)
+    probs = (logits.log_softmax(-1) / 0.7).softmax(-1)[0]
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = order[(sorted_p.cumsum(-1) - sorted_p) < 0.9]
+    assert (len(nucleus) > 256) == (spread > 1)  # both the top-256 path and the full-sort fallback run
+    n = 6000
+    draws = sampler.select(logits.log_softmax(-1).expand(n, -1), None, [(i, 0) for i in range(n)])
+    assert set(draws.tolist()) <= set(nucleus.tolist())  # nothing outside the nucleus
+    expected = probs[nucleus] / probs[nucleus].sum()
+    counts = torch.bincount(draws, minlength=2000)[nucleus].float() / n
+    top = expected.argsort(descending=True)[:5]  # the likeliest tokens' frequencies match the renormalised p
+    assert torch.allclose(counts[top], expected[top], atol=4 * (expected[top] / n).sqrt().max().item() + 1e-3)
