@@ -156,7 +156,10 @@ def test_report_prints_bracketed_policy_labels_verbatim(tmp_path, capsys):
              for i in range(2) for p in ("greedy", "s2t[kl99]")]
     (tmp_path / "results.shard0of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["report", str(tmp_path)]) == 0
-    assert "| s2t[kl99] | 2 | 50.0%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| s2t[kl99] | 2 | 50.0%" in out
+    # the config never recorded the LLM's size: S2T's compute is unknown ("-"), not free
+    assert out.split("| s2t[kl99] |")[1].split("\n")[0].rstrip().endswith("| - |")
 
 
 def test_a_resumed_run_without_the_llm_keeps_its_size_for_the_compute_column(tmp_path):

@@ -26,7 +26,7 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarise(rows: list[dict], llm_cost: float) -> dict:
+def summarise(rows: list[dict], llm_cost: float | None) -> dict:
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
     st = lambda key: sum(r["stats"][key] for r in rows)
@@ -40,7 +40,9 @@ def summarise(rows: list[dict], llm_cost: float) -> dict:
         "llm_tokens_per_item": st("llm_tokens") / max(n, 1),
         "trigger_rate": st("triggers") / gen, "flip_rate": st("flips") / gen,
         "wall_s_per_item": st("wall_time_s") / max(n, 1),
-        "compute_per_item": (st("slm_tokens") + llm_cost * st("llm_tokens")) / max(n, 1),
+        # None where LLM work was done but the run never recorded the LLM's size: unknown, not free
+        "compute_per_item": (None if llm_cost is None and st("llm_tokens") else
+                             (st("slm_tokens") + (llm_cost or 0.0) * st("llm_tokens")) / max(n, 1)),
     }
 
 
@@ -51,7 +53,7 @@ def build_report(run_dir: str | Path) -> dict:
         raise S2TError(f"{run} is not an eval run directory (no config.json)")
     cfg = json.loads(cfg_path.read_text())
     models = cfg.get("models", {})
-    llm_cost = (models["llm"]["params"] / models["slm"]["params"]) if "llm" in models else 0.0
+    llm_cost = (models["llm"]["params"] / models["slm"]["params"]) if "llm" in models else None
     rows: dict[tuple[str, str], dict] = {}
     for path in sorted(run.glob("results.shard*.jsonl")):
         for r in read_lines(path):
@@ -70,7 +72,8 @@ def build_report(run_dir: str | Path) -> dict:
             table[f"pass@{k} (oracle, not a policy)"] = summarise(oracle, llm_cost)
     greedy = table.get("greedy", {}).get("compute_per_item")
     for row in table.values():
-        row["compute_vs_greedy"] = row["compute_per_item"] / greedy if greedy else None
+        row["compute_vs_greedy"] = (row["compute_per_item"] / greedy
+                                    if greedy and row["compute_per_item"] is not None else None)
     return {"run": str(run), "dataset": cfg["identity"]["dataset"], "slm": cfg["identity"]["slm"],
             "llm": cfg["identity"]["llm"], "max_new_tokens": cfg["identity"]["max_new_tokens"],
             "machine": cfg.get("machine"), "llm_cost_per_token": llm_cost, "policies": table}
@@ -118,6 +121,8 @@ def _plot(rep: dict, path: Path) -> None:
         if name.startswith("pass@"):
             continue
         x = row["compute_vs_greedy"] if row["compute_vs_greedy"] is not None else row["compute_per_item"]
+        if x is None:  # unknown compute: no point to place
+            continue
         ax.errorbar([x], [row["accuracy"]], yerr=[[row["accuracy"] - row["ci95_low"]], [row["ci95_high"] - row["accuracy"]]],
                     fmt="o", capsize=3)
         ax.annotate(name, (x, row["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
