@@ -39,6 +39,7 @@ EVAL_OUT ?= runs/gsm8k200
 EVAL_N ?= 200
 # Rows decoded together: on the 2-core CPU the 0.5B decodes 2.2x the tokens/s at batch 64 as at batch 16
 # (benchmarks/batch_throughput.py: 214 vs 97 tok/s, one run); results do not depend on it (per-row seeds).
+# Not 128: there the [128, 1, H] x [H, 152k] head projection falls off oneDNN's path (it tried a 35 GB copy).
 EVAL_BATCH ?= 64
 EVAL_POLICIES ?= greedy s2t=$(EVAL_OUT)/kl99.json takeover=$(EVAL_OUT)/kl99.json s2t=$(EVAL_OUT)/kl90.json llm maj@8
 # order-only prerequisite: reinstalling the venv must not recalibrate (and so invalidate) a finished run
@@ -50,9 +51,10 @@ eval-gsm8k: $(EVAL_OUT)/kl99.json $(EVAL_OUT)/kl90.json
 		--batch-size $(EVAL_BATCH) $(foreach p,$(EVAL_POLICIES),--policy $(p)) --out $(EVAL_OUT)
 	$(VENV)/bin/s2t report $(EVAL_OUT)
 
-# The shipped S2T-Local bundle, from scratch: the LLM's selections on 64 gsm_symbolic:train problems
-# (kl q0.90, K = 16), one epoch of LoRA + reserved rows on the first 900 groups, the learned trigger,
-# then a bf16 bundle. About 70 min on the 2-core CPU (collect ~25 min, train ~45 min); rerun to resume.
+# An S2T-Local bundle, from scratch: the LLM's selections on 64 gsm_symbolic:train problems (kl q0.90,
+# K = 16), one epoch of LoRA + reserved rows on the first 900 groups, the learned trigger, then a bf16
+# bundle. About 80 min on the 2-core CPU (collect ~25 min, train ~4 s per group); rerun to resume.
+# None ships yet: check the printed validation Agree@1 against the SLM's top-1 before committing SEL_OUT.
 SEL_WORK ?= runs/selector
 SEL_OUT ?= src/select2think/shipped/qwen2.5-coder-0.5b-instruct
 $(SEL_WORK)/kl90.json: | $(VENV)/.models
