@@ -270,3 +270,14 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
         fast = generate(trained, prompts, DecodeConfig(local_mode=mode, **local))
         spec = generate(trained, prompts, DecodeConfig(local_mode=mode, fast=False, **local), batch_size=1)
         assert ids(fast) == ids(spec), mode  # tree scoring + prior == K full prefixes + prior
+
+
+def test_head_only_training_moves_the_reserved_rows_and_leaves_the_adapter_at_zero(collected, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "head"
+    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=6,
+                          dtype="fp32", device="cpu", head_lr=5e-2, head_only=True), progress=False)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all(not t.any() for k, t in adapter.items() if "lora_B" in k)  # B = 0: the adapter is the identity
+    assert load_file(out / "reserved_rows.safetensors")["weight"].abs().sum() > 0  # rows moved off zero

@@ -277,6 +277,8 @@ def train(
     prior_weight: float = typer.Option(0.1, help="weight of the SLM's own log-prob in each candidate's score: "
                                        "the untrained selector is then greedy; 0 = the paper's head alone"),
     lora_dropout: float = typer.Option(0.05, help="0 skips the dropout masks (about half a CPU step's time)"),
+    head_only: bool = typer.Option(False, help="freeze the LoRA at zero and train the 16 reserved rows alone "
+                                   "(forward-only backbone: a cheap check of whether the hidden state carries the signal)"),
     max_groups: Optional[int] = typer.Option(None),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
     layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
@@ -287,7 +289,7 @@ def train(
     from .local.train import TrainConfig, run_train
 
     res = run_train(TrainConfig(slm=slm, groups=groups, out=out, epochs=epochs, lr=lr, head_lr=head_lr, lora_r=lora_r,
-                                prior_weight=prior_weight, lora_dropout=lora_dropout, checkpoint_every=checkpoint_every, max_groups=max_groups,
+                                prior_weight=prior_weight, lora_dropout=lora_dropout, head_only=head_only, checkpoint_every=checkpoint_every, max_groups=max_groups,
                                 layout=layout, dtype=dtype, device=device))
     for h in res["history"]:
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"

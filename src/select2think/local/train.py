@@ -46,6 +46,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     temperature: float = 0.1
     prior_weight: float = 0.1  # the SLM's log-prob joins each score (see module doc); 0 = the paper's head alone
+    head_only: bool = False  # LoRA frozen at zero: only the reserved rows learn (a forward-only, cheap diagnostic)
     margin: float = 0.1
     w_ce: float = 1.0
     w_hinge: float = 1.0
@@ -127,7 +128,7 @@ def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
     hinge = torch.relu(cfg.margin - (scores[best] - others.max()))
     listwise = (q * (q.clamp_min(1e-12).log() - logit.log_softmax(-1))).sum()
     loss = cfg.w_ce * ce + cfg.w_hinge * hinge + cfg.w_list * listwise
-    if cfg.w_base > 0:
+    if cfg.w_base > 0 and not cfg.head_only:  # a zero adapter is the base model: the KL is 0
         text = raw[:, :vocab_size].log_softmax(-1)
         with torch.no_grad(), model.disable_adapter():
             base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[:, :vocab_size].log_softmax(-1)
@@ -234,9 +235,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     model, rows = prepare_model(pair.slm, reserved, cfg)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
+    if cfg.head_only:  # no backbone parameter needs a gradient, so autograd records only the head
+        for p in lora:
+            p.requires_grad_(False)
+        lora = []
     params = lora + [rows.weight]
-    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
-                             {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01}] if lora else [])
+                            + [{"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
     out = Path(cfg.out)
     state_path = out / "train_state.pt"
     epoch, step, total, history = 0, 0, 0.0, []
