@@ -49,6 +49,25 @@ def test_local_tree_decoding_matches_reference_and_never_uses_the_llm(tiny_pair,
     assert fast.stats.slm_forwards <= greedy.stats.slm_forwards + len(prompts) < greedy.stats.slm_forwards + fast.stats.triggers
 
 
+def test_batched_local_scores_only_the_rows_that_fire(tiny_pair, entropy_threshold):
+    """In a batch where some rows fire, the others must not pay for K candidate positions each."""
+    prompts = ["What is 2+2?", "Name a fruit.", "Hi", "Count to ten."]
+    cfg = DecodeConfig(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24)
+    widths = []
+    hook = tiny_pair.slm.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].numel()),
+                                                   with_kwargs=True)
+    try:
+        batched = generate(tiny_pair, prompts, cfg, batch_size=4)
+    finally:
+        hook.remove()
+    alone = generate(tiny_pair, prompts, cfg, batch_size=1)
+    assert [g.token_ids for g in batched.generations] == [g.token_ids for g in alone.generations]
+    s = batched.stats
+    assert 0 < s.triggers < s.generated_tokens
+    # after the prefill: one position per active row and step, plus K per triggered row and step
+    assert sum(widths[1:]) <= s.generated_tokens + s.triggers * cfg.k
+
+
 def test_local_refuses_llm_trigger_and_missing_reserved_rows(tiny_pair):
     with pytest.raises(S2TError, match="never runs the LLM"):
         DecodeConfig(policy="s2t-local", trigger="kl", threshold=1.0)

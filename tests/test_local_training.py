@@ -224,7 +224,7 @@ def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_pat
 
 
 def test_validation_flags_a_collapsed_score_head(collected):
-    from select2think.local.train import evaluate
+    from select2think.local.train import evaluate, split_groups
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)
@@ -272,12 +272,51 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
         assert ids(fast) == ids(spec), mode  # tree scoring + prior == K full prefixes + prior
 
 
-def test_head_only_training_moves_the_reserved_rows_and_leaves_the_adapter_at_zero(collected, tmp_path):
+def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(collected, tmp_path, monkeypatch):
+    import select2think.local.head_only as head_mod
     from safetensors.torch import load_file
 
+    from select2think.local.bundle import export_bundle
+    from select2think.local.head_only import feature_dir
+
+    def cfg(out, **kw):
+        return TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=6, max_groups=12,
+                           dtype="fp32", device="cpu", head_lr=5e-2, head_batch=4, checkpoint_every=5,
+                           head_only=True, **kw)
+
+    res = run_train(cfg(tmp_path / "head"), progress=False)
     out = tmp_path / "head"
-    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=6,
-                          dtype="fp32", device="cpu", head_lr=5e-2, head_only=True), progress=False)
-    adapter = load_file(out / "adapter_model.safetensors")
-    assert all(not t.any() for k, t in adapter.items() if "lora_B" in k)  # B = 0: the adapter is the identity
-    assert load_file(out / "reserved_rows.safetensors")["weight"].abs().sum() > 0  # rows moved off zero
+    assert not (out / "adapter_config.json").exists()  # no LoRA: the rows are the whole selector
+    meta = json.loads((out / "selector.json").read_text())
+    assert meta["head_only"] and meta["best_epoch"] == res["best_epoch"] and len(meta["history"]) == 7
+    best = meta["history"][res["best_epoch"]]["agree_at_1"]
+    assert best == max(h["agree_at_1"] for h in meta["history"])
+    rows = load_file(out / "reserved_rows.safetensors")["weight"]
+    assert (rows.abs().sum() > 0) == (res["best_epoch"] > 0)  # zero rows = the untrained selector was kept
+    assert len(list(feature_dir(cfg(out)).glob("*.pt"))) == 3  # 12 groups in chunks of 5
+    # the cached features are what the backbone computes: the head scores them as evaluate() does
+    from select2think.local.train import evaluate, split_groups
+
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    model, r = prepare_model(pair.slm, pair.reserved_ids, TrainConfig(slm="tiny-slm", groups="", out=""))
+    with torch.no_grad():
+        r.weight.copy_(rows)
+    _, val = split_groups(load_groups(collected / "groups", 12), cfg(out))
+    assert len(val) == meta["val_groups"]
+    assert evaluate(model, val, pair.reserved_ids, pair.vocab_size, cfg(out))["agree_at_1"] == pytest.approx(best)
+    # a second run (new learning rate) reuses every cached chunk: no backbone forward at all
+    monkeypatch.setattr(head_mod, "candidate_hidden", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
+    run_train(cfg(tmp_path / "again", seed=1), progress=False)
+    # it decodes with no LLM, tree path == K full prefixes, and bundles without an adapter
+    trained = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out)
+    local = dict(policy="s2t-local", trigger="always", max_new_tokens=12)
+    prompts = ["What is 2+2?", "Name a fruit."]
+    ids = lambda res: [g.token_ids for g in res.generations]
+    assert ids(generate(trained, prompts, DecodeConfig(**local))) == ids(
+        generate(trained, prompts, DecodeConfig(fast=False, **local), batch_size=1))
+    from select2think import S2TError
+
+    with pytest.raises(S2TError, match="head-only"):
+        apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out, mode="decoupled")
+    with pytest.raises(S2TError, match="learned trigger"):
+        export_bundle(out, tmp_path / "missing.json", tmp_path / "bundle")

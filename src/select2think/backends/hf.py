@@ -119,19 +119,50 @@ class HFBackend:
         if held is not None:
             tokens, live = tokens[held], live[held]
         B, K = tokens.shape
-        T = self.num_slots
-        visible = torch.zeros(B, 1, K, T + K, dtype=torch.bool, device=self.device)
-        visible[:, 0, :, :T] = self.slot_mask[:, None, :]
-        visible[:, 0, :, T:] = torch.eye(K, dtype=torch.bool, device=self.device)  # each candidate sees itself
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill(~visible, torch.finfo(dtype).min)
         positions = self.lengths[:, None].expand(B, K)
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
-                         use_cache=True, output_hidden_states=self.want_hidden)
+        out = self.model(input_ids=tokens, attention_mask=self._tree_mask(self.slot_mask, K), position_ids=positions,
+                         cache=self.cache, use_cache=True, output_hidden_states=self.want_hidden)
         self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
         self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
         self._count(live)
         return _to_batch(out.logits.float(), held, full_batch)
+
+    def _tree_mask(self, slot_mask: torch.Tensor, K: int) -> torch.Tensor:
+        """Additive mask [B, 1, K, T + K]: K siblings each see the row's live slots and themselves."""
+        B, T = slot_mask.shape
+        visible = torch.zeros(B, 1, K, T + K, dtype=torch.bool, device=self.device)
+        visible[:, 0, :, :T] = slot_mask[:, None, :]
+        visible[:, 0, :, T:] = torch.eye(K, dtype=torch.bool, device=self.device)
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill(~visible, torch.finfo(dtype).min)
+
+    @torch.no_grad()
+    def peek_tree(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Raw logits [len(rows), K, V_all] of K sibling candidates per listed row, cache left unchanged.
+
+        For a batch in which only some rows need candidates scored: those rows alone pay for K tokens
+        (on a view of their cache rows) and the whole batch then extends by one token as usual, instead
+        of K tokens and K slots for every row (`extend_tree`).
+        """
+        sub = torch.tensor([self._slot_row(r) for r in rows], device=self.device)
+        layers = self.cache.layers
+        saved = [(layer.keys, layer.values) for layer in layers]
+        K = tokens.shape[1]
+        try:
+            for layer, (k, v) in zip(layers, saved):
+                layer.keys, layer.values = k[sub], v[sub]  # updates concatenate: the originals stay intact
+            out = self.model(input_ids=tokens.to(self.device), attention_mask=self._tree_mask(self.slot_mask[sub], K),
+                             position_ids=self.lengths[sub][:, None].expand(len(rows), K), cache=self.cache,
+                             use_cache=True)
+        finally:
+            for layer, (k, v) in zip(layers, saved):
+                layer.keys, layer.values = k, v
+        self.forwards += 1
+        self.tokens += len(rows) * K
+        for r in rows:
+            self.row_tokens[r] += K
+            self.row_forwards[r] += 1
+        return out.logits.float()
 
     def accept_tree(self, row: int, slot: int) -> None:
         """Keep the candidate at `slot` (from the last `extend_tree`) as the row's next token."""

@@ -2,9 +2,10 @@
 reserved-token head in one tree forward against a prefix cache.
 
 Two modes:
-- coupled (the paper's): the adapted model generates and scores. The tree forward runs on the
-  generation cache; the winner's slot and next-token logits are kept, so the following step needs
-  no extra forward.
+- coupled (the paper's): the adapted model generates and scores. When every active row fires (always
+  at batch 1), the tree forward runs on the generation cache and the winner's slot and next-token
+  logits are kept, so the following step needs no extra forward. When only some rows fire, those
+  rows score their candidates on a view of their cache and the batch then extends by one token.
 - decoupled: the base model generates (its answers stay the base model's between triggers) and the
   adapter only scores. The adapted model keeps its own cache, which lags behind and catches up in one
   multi-token forward per trigger (as the lazy LLM does), then scores the K candidates as a tree.
@@ -106,7 +107,15 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
         cands = s_lp.topk(k, dim=-1).indices
         cand_lp = s_lp.gather(-1, cands)
         new_logits = None
-        if fired.any() and fast and not decoupled:
+        if fired.any() and fast and not decoupled and not fired.all():
+            # some rows fire: they alone score K candidates on a view of their cache, then every row
+            # extends by its one chosen token below (scoring them all would cost K tokens per row)
+            js = fired.nonzero().flatten().tolist()
+            raw = slm.peek_tree([active[j] for j in js], cands[js])
+            scores = with_prior(score_from_logits(raw, reserved), cand_lp[js], prior_weight)
+            for n, j in enumerate(js):
+                tokens[j] = cands[j, int(scores[n].argmax())]
+        elif fired.any() and fast and not decoupled:
             feed = torch.full((B, k), pad_id, dtype=torch.long)
             feed_live = torch.zeros((B, k), dtype=torch.bool)
             for j, r in enumerate(active):

@@ -1,8 +1,8 @@
 """An S2T-Local bundle: a trained selector and its learned trigger in one directory, ready to ship.
 
 `s2t train` keeps full-precision weights and optimizer state so that it can resume; a bundle keeps only
-what decoding needs, the LoRA in bf16 (the SLM runs in bf16 anyway), so the default pair's selector
-fits in the repository. `s2t-local=BUNDLE` then needs no separate threshold file.
+what decoding needs, the LoRA in bf16 (the SLM runs in bf16 anyway; a head-only selector has none), so
+the default pair's selector fits in the repository. `s2t-local=BUNDLE` then needs no separate threshold file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ def export_bundle(selector: str | Path, trigger: str | Path, out: str | Path, dt
     from safetensors.torch import load_file, save_file
 
     selector, trigger, out = Path(selector), Path(trigger), Path(out)
-    for need in ("adapter_config.json", "adapter_model.safetensors", "reserved_rows.safetensors", "selector.json"):
+    for need in ("reserved_rows.safetensors", "selector.json"):
+        if not (selector / need).is_file():
+            raise S2TError(f"{selector} is not a selector from `s2t train` (no {need})")
+    head_only = bool(json.loads((selector / "selector.json").read_text()).get("head_only"))
+    for need in () if head_only else ("adapter_config.json", "adapter_model.safetensors"):
         if not (selector / need).is_file():
             raise S2TError(f"{selector} is not a selector from `s2t train` (no {need})")
     meta = json.loads(trigger.read_text()) if trigger.is_file() else {}
@@ -33,10 +37,11 @@ def export_bundle(selector: str | Path, trigger: str | Path, out: str | Path, dt
         raise S2TError(f"the trigger was trained for {meta.get('slm')!r}, the selector for {sel_meta.get('slm')!r}")
     torch_dtype = parse_dtype(dtype)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_config.json", "reserved_rows.safetensors", "selector.json"):
+    for name in ("reserved_rows.safetensors", "selector.json") + (() if head_only else ("adapter_config.json",)):
         shutil.copyfile(selector / name, out / name)
-    lora = load_file(selector / "adapter_model.safetensors")
-    save_file({k: v.to(torch_dtype).contiguous() for k, v in lora.items()}, out / "adapter_model.safetensors")
+    if not head_only:
+        lora = load_file(selector / "adapter_model.safetensors")
+        save_file({k: v.to(torch_dtype).contiguous() for k, v in lora.items()}, out / "adapter_model.safetensors")
     shutil.copyfile(trigger.parent / meta["head"], out / "trigger.safetensors")
     (out / TRIGGER).write_text(json.dumps({**meta, "head": "trigger.safetensors"}, indent=2))
     return out
@@ -51,4 +56,4 @@ def bundled_trigger(selector: str | Path) -> Path | None:
 def shipped_bundle(slm: str) -> Path | None:
     """The bundle this package ships for a named SLM (None if it ships none)."""
     path = SHIPPED / slm.replace("/", "_")
-    return path if (path / "adapter_config.json").is_file() else None
+    return path if (path / "selector.json").is_file() else None

@@ -46,7 +46,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     temperature: float = 0.1
     prior_weight: float = 0.1  # the SLM's log-prob joins each score (see module doc); 0 = the paper's head alone
-    head_only: bool = False  # LoRA frozen at zero: only the reserved rows learn (a forward-only, cheap diagnostic)
+    head_only: bool = False  # no LoRA: only the reserved rows learn, on cached hidden states (local/head_only.py)
+    head_batch: int = 32  # groups per step of head-only training
     margin: float = 0.1
     w_ce: float = 1.0
     w_hinge: float = 1.0
@@ -67,6 +68,8 @@ class TrainConfig:
             raise S2TError(f"epochs must be >= 1, got {self.epochs}")
         if self.prior_weight < 0:
             raise S2TError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if self.head_batch < 1:
+            raise S2TError(f"head_batch must be >= 1 group, got {self.head_batch}")
         if self.checkpoint_every < 1:
             raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
 
@@ -90,19 +93,23 @@ def candidate_logits(model, context: list[int], cands: list[int], layout: str = 
     prefix's own next-token logits, which the candidates came from). Only those positions go through the
     vocabulary projection, and as one 2D matmul: a 3D [1, K, H] input makes `linear` batch the [V, H]
     head through a contiguous copy of it (~0.3 s per call for a 152k vocabulary on this CPU)."""
+    return model.get_output_embeddings()(candidate_hidden(model, context, cands, layout, with_prefix)).float()
+
+
+def candidate_hidden(model, context: list[int], cands: list[int], layout: str = "tree",
+                     with_prefix: bool = False) -> torch.Tensor:
+    """Final hidden states [K, H] ([1 + K, H] `with_prefix`) that `candidate_logits` projects."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    backbone, head = model.get_decoder(), model.get_output_embeddings()
+    backbone = model.get_decoder()
     K = len(cands)
     if layout == "tree":
         ids, pos, mask = tree_batch(context, cands, device, dtype)
         hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
-        hidden = hidden[-K - 1:] if with_prefix else hidden[-K:]
-    else:
-        batch = torch.tensor([context + [c] for c in cands], device=device)
-        out = backbone(input_ids=batch).last_hidden_state
-        hidden = torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
-    return head(hidden).float()
+        return hidden[-K - 1:] if with_prefix else hidden[-K:]
+    batch = torch.tensor([context + [c] for c in cands], device=device)
+    out = backbone(input_ids=batch).last_hidden_state
+    return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
 
 
 def group_scores(model, group: dict, reserved, vocab_size: int, cfg: "TrainConfig"):
@@ -117,23 +124,28 @@ def group_scores(model, group: dict, reserved, vocab_size: int, cfg: "TrainConfi
     return scores, raw, head
 
 
+def selection_loss(scores: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean over groups of CE + hinge + listwise KL, for scores and LLM probabilities [G, K]."""
+    q = llm_probs / llm_probs.sum(-1, keepdim=True)
+    best = q.argmax(-1, keepdim=True)
+    logp = (scores / cfg.temperature).log_softmax(-1)
+    ce = -logp.gather(-1, best).squeeze(-1)
+    others = scores.scatter(-1, best, float("-inf")).max(-1).values
+    hinge = torch.relu(cfg.margin - (scores.gather(-1, best).squeeze(-1) - others))
+    listwise = (q * (q.clamp_min(1e-12).log() - logp)).sum(-1)
+    return (cfg.w_ce * ce + cfg.w_hinge * hinge + cfg.w_list * listwise).mean()
+
+
 def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
     scores, raw, _ = group_scores(model, group, reserved, vocab_size, cfg)
     q = torch.tensor(group["llm_probs"], device=scores.device)
-    q = q / q.sum()
-    best = int(q.argmax())
-    logit = scores / cfg.temperature
-    ce = -logit.log_softmax(-1)[best]
-    others = torch.cat([scores[:best], scores[best + 1:]])
-    hinge = torch.relu(cfg.margin - (scores[best] - others.max()))
-    listwise = (q * (q.clamp_min(1e-12).log() - logit.log_softmax(-1))).sum()
-    loss = cfg.w_ce * ce + cfg.w_hinge * hinge + cfg.w_list * listwise
-    if cfg.w_base > 0 and not cfg.head_only:  # a zero adapter is the base model: the KL is 0
+    loss = selection_loss(scores[None], q[None], cfg)
+    if cfg.w_base > 0:
         text = raw[:, :vocab_size].log_softmax(-1)
         with torch.no_grad(), model.disable_adapter():
             base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[:, :vocab_size].log_softmax(-1)
         loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
-    return loss, scores.detach(), q
+    return loss, scores.detach(), q / q.sum()
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -216,6 +228,15 @@ def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
             "tied": tied / n, "n": len(groups)}
 
 
+def split_groups(groups: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train, validation): validation holds whole problems, `val_fraction` of them, drawn with the seed."""
+    items = sorted({g["item"] for g in groups})
+    rng = random.Random(cfg.seed)
+    val_items = set(rng.sample(items, max(1, int(len(items) * cfg.val_fraction)))) if len(items) > 1 else set()
+    train = [g for g in groups if g["item"] not in val_items]
+    return train, [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
+
+
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     from rich.progress import Progress
 
@@ -226,22 +247,18 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     if not pair.reserved_ids:
         raise S2TError(f"{cfg.slm} has no reserved ids for the score head")
     reserved = pair.reserved_ids
-    items = sorted({g["item"] for g in groups})
-    rng = random.Random(cfg.seed)
-    val_items = set(rng.sample(items, max(1, int(len(items) * cfg.val_fraction)))) if len(items) > 1 else set()
-    train = [g for g in groups if g["item"] not in val_items]
-    val = [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
+    train, val = split_groups(groups, cfg)
+    if cfg.head_only:
+        from .head_only import fit_head_only
+
+        return fit_head_only(cfg, pair, groups, train, val, progress)
     torch.manual_seed(cfg.seed)
     model, rows = prepare_model(pair.slm, reserved, cfg)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
-    if cfg.head_only:  # no backbone parameter needs a gradient, so autograd records only the head
-        for p in lora:
-            p.requires_grad_(False)
-        lora = []
     params = lora + [rows.weight]
-    opt = torch.optim.AdamW(([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01}] if lora else [])
-                            + [{"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
+                             {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
     out = Path(cfg.out)
     state_path = out / "train_state.pt"
     epoch, step, total, history = 0, 0, 0.0, []
@@ -300,9 +317,12 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise S2TError(f"{path} is not a selector from `s2t train` (no adapter_config.json)")
+    if not (path / "selector.json").is_file() or not (path / "reserved_rows.safetensors").is_file():
+        raise S2TError(f"{path} is not a selector from `s2t train` (no selector.json or reserved_rows.safetensors)")
     meta = json.loads((path / "selector.json").read_text())
+    head_only = bool(meta.get("head_only"))
+    if not head_only and not (path / "adapter_config.json").is_file():
+        raise S2TError(f"{path} is not a selector from `s2t train` (no adapter_config.json)")
     if meta.get("slm") != pair.slm_name:
         raise S2TError(f"selector {path} was trained for {meta.get('slm')!r}, not {pair.slm_name!r}")
     rows = load_file(path / "reserved_rows.safetensors")
@@ -311,8 +331,11 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
         raise S2TError(f"selector {path} uses reserved ids {reserved[:2]}..., the pair has {pair.reserved_ids}")
     if mode not in LOCAL_MODES:
         raise S2TError(f"unknown S2T-Local mode {mode!r}: use coupled or decoupled")
-    model = PeftModel.from_pretrained(pair.slm, path)
-    if mode == "coupled":
+    if head_only and mode == "decoupled":
+        raise S2TError(f"{path} is a head-only selector (no adapter): the base model generates in either mode, "
+                       "so use the coupled mode (the default)")
+    model = pair.slm if head_only else PeftModel.from_pretrained(pair.slm, path)
+    if mode == "coupled" and not head_only:
         model = model.merge_and_unload()
     head = model.get_output_embeddings()
     with torch.no_grad():

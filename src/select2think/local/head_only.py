@@ -1,0 +1,128 @@
+"""`s2t train --head-only`: the 16 reserved rows alone, fit on cached final hidden states.
+
+With the backbone frozen, a candidate's final hidden state (and the SLM's log-prob of it, the prior)
+never changes during training. So the backbone runs once per group, the results are cached beside the
+groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later runs reuse it),
+and each epoch after that is a few small matrix products: many epochs in seconds instead of a backbone
+forward per group per epoch. Validation runs every epoch and the best epoch's rows are kept (the
+untrained rows, i.e. greedy, if no epoch beats them). The selector has no adapter: its
+`reserved_rows.safetensors` and `selector.json` are all of it (about 60 KB for a 0.5B SLM).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..decoding.local_scorer import with_prior
+from .train import TIED, TrainConfig, candidate_hidden, selection_loss, spearman
+
+FEATURES = "head_features"
+
+
+def feature_dir(cfg: TrainConfig) -> Path:
+    """Where a groups directory keeps the hidden states of one SLM, dtype and layout."""
+    return Path(cfg.groups) / FEATURES / f"{cfg.slm.replace('/', '_')}_{cfg.dtype}_{cfg.layout}"
+
+
+@torch.no_grad()
+def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig, progress: bool = True):
+    """Candidates' final hidden states [N, K, H] fp32 and their SLM log-probs [N, K], cached per chunk of
+    `cfg.checkpoint_every` groups (a chunk is reused only if it holds the same groups)."""
+    from rich.progress import Progress
+
+    out = feature_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    head = model.get_output_embeddings()
+    hidden, logp = [], []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("candidate hidden states", total=len(groups))
+        for start in range(0, len(groups), cfg.checkpoint_every):
+            part = groups[start:start + cfg.checkpoint_every]
+            keys = [[g["item"], g["step"]] for g in part]
+            path = out / f"{start:07d}.pt"
+            chunk = torch.load(path) if path.is_file() else None
+            if chunk is None or chunk["keys"] != keys:
+                h, lp = [], []
+                for g in part:
+                    hid = candidate_hidden(model, g["context"], g["candidates"], cfg.layout, with_prefix=True)
+                    prefix = head(hid[:1]).float()[0, :vocab_size].log_softmax(-1)
+                    h.append(hid[1:].float())
+                    lp.append(prefix[torch.tensor(g["candidates"], device=prefix.device)])
+                    bar.advance(task)
+                chunk = {"keys": keys, "hidden": torch.stack(h).cpu(), "logp": torch.stack(lp).cpu()}
+                tmp = path.with_suffix(".tmp")
+                torch.save(chunk, tmp)
+                tmp.replace(path)
+            else:
+                bar.advance(task, len(part))
+            hidden.append(chunk["hidden"])
+            logp.append(chunk["logp"])
+    return torch.cat(hidden), torch.cat(logp)
+
+
+def head_scores(rows: torch.Tensor, hidden: torch.Tensor, logp: torch.Tensor, prior_weight: float):
+    """(scores as decoding picks by, head scores) [N, K]: what local_scorer computes from the same rows."""
+    levels = torch.linspace(0, 1, rows.shape[0])
+    head = (hidden @ rows.T).softmax(-1) @ levels
+    return with_prior(head, logp, prior_weight), head
+
+
+def head_metrics(rows, hidden, logp, q, prior_weight) -> dict:
+    """The same validation numbers as train.evaluate, from cached features."""
+    with torch.no_grad():
+        s, head = head_scores(rows, hidden, logp, prior_weight)
+    n = max(len(q), 1)
+    return {"agree_at_1": float((s.argmax(-1) == q.argmax(-1)).float().sum()) / n,
+            "slm_top1_agree": float((q.argmax(-1) == 0).float().sum()) / n,
+            "spearman": sum(spearman(a, b) for a, b in zip(s, q)) / n,
+            "tied": float(((head.max(-1).values - head.min(-1).values) < TIED).float().sum()) / n,
+            "n": len(q)}
+
+
+def fit_head_only(cfg: TrainConfig, pair, groups: list[dict], train: list[dict], val: list[dict],
+                  progress: bool = True) -> dict:
+    """`train` and `val` are sublists of `groups`, whose (file) order the feature cache follows."""
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    reserved = list(pair.reserved_ids)
+    model = pair.slm.eval()
+    hidden, logp = group_features(model, groups, pair.vocab_size, cfg, progress)
+    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
+    q = q / q.sum(-1, keepdim=True)
+    where = {id(g): i for i, g in enumerate(groups)}
+    tr, va = (torch.tensor([where[id(g)] for g in part], dtype=torch.long) for part in (train, val))
+    init = model.get_output_embeddings().weight.detach()[reserved].float().cpu()
+    rows = torch.nn.Parameter(torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone())
+    opt = torch.optim.AdamW([rows], lr=cfg.head_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = [{"epoch": 0, "train_loss": None, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}]
+    best_epoch, best_rows = 0, rows.detach().clone()
+    for epoch in range(1, cfg.epochs + 1):
+        total = 0.0
+        for idx in tr[torch.randperm(len(tr), generator=gen)].split(cfg.head_batch):
+            scores, _ = head_scores(rows, hidden[idx], logp[idx], cfg.prior_weight)
+            loss = selection_loss(scores, q[idx], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([rows], cfg.max_grad_norm)
+            opt.step()
+            total += loss.item() * len(idx)
+        history.append({"epoch": epoch, "train_loss": total / max(len(tr), 1),
+                        **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)})
+        if history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
+            best_epoch, best_rows = epoch, rows.detach().clone()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"reserved_ids": torch.tensor(reserved), "weight": best_rows.contiguous()}, out / "reserved_rows.safetensors")
+    from dataclasses import asdict
+
+    meta = {"slm": cfg.slm, "reserved_ids": reserved, "prior_weight": cfg.prior_weight, "head_only": True,
+            "best_epoch": best_epoch, "config": asdict(cfg), "train_groups": len(train), "val_groups": len(val),
+            "history": history}
+    (out / "selector.json").write_text(json.dumps(meta, indent=2))
+    return {"history": history, "best_epoch": best_epoch, "seconds": time.perf_counter() - t0}
