@@ -2,10 +2,14 @@
 
     .venv/bin/python benchmarks/local_speed.py --n 5 --out runs/bench_local      # decode.json, train.json
     .venv/bin/python benchmarks/local_speed.py --skip-decode                       # the training part only
+    .venv/bin/python benchmarks/local_speed.py --skip-train --n 64 --batch 64 --no-decoupled   # 64 rows at once
 
-Decoding: greedy, s2t-local coupled and s2t-local decoupled (entropy trigger at quantile 0.90
-calibrated on gsm_symbolic:calib) on the same GSM8K problems, one after the other per problem;
-compared per generated token, since an untrained selector changes answer lengths. The selector's
+Decoding: greedy, the shipped selector (coupled, its learned trigger; --selector for another), and
+s2t-local coupled and decoupled with an entropy trigger at quantile 0.90 calibrated on
+gsm_symbolic:calib (--no-decoupled skips the last) on the same GSM8K problems, one after the other per
+problem; compared per generated token, since a selector changes answer lengths. With --batch B the
+n problems decode B at a time instead (policies one after the other): there only the rows whose
+trigger fires score their K candidates. The selector's
 weights do not change its cost: coupled runs the base weights (a merged LoRA costs nothing), decoupled
 a freshly initialised, unmerged LoRA r16 (the adapter's extra matmuls and its second cache are real).
 Training: one step on a K = 16 group (the full loss with its KL-to-base forward, backward, AdamW step)
@@ -28,7 +32,9 @@ from select2think import DecodeConfig, generate, load_pair
 from select2think.decoding.calibrate import calibrate, load_threshold
 from select2think.eval.datasets import load_dataset, load_gsm_symbolic
 from select2think.eval.prompts import math_prompt
-from select2think.local.train import TrainConfig, group_loss, prepare_model
+from select2think.local.bundle import bundled_trigger, shipped_bundle
+from select2think.local.train import TrainConfig, apply_selector, group_loss, prepare_model
+from select2think.local.trigger_head import load_learned_trigger
 
 
 def main() -> None:
@@ -36,6 +42,9 @@ def main() -> None:
     ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    ap.add_argument("--selector", default=None, help="selector or bundle with a learned trigger (default: the shipped one)")
+    ap.add_argument("--no-decoupled", action="store_true", help="skip the decoupled run")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--contexts", default="127,255,511")
     ap.add_argument("--naive-max-context", type=int, default=127)
@@ -66,23 +75,36 @@ def bench_decode(args, out: Path) -> None:
         calibrate(pair, [math_prompt(i.question) for i in calib.items], "entropy", 0.90,
                   dataset="gsm_symbolic:calib", max_new_tokens=args.max_new_tokens).save(thr_file)
     thr = load_threshold(thr_file, "entropy", args.slm, None)
-    adapted = load_pair(args.slm, None, dtype="bf16")
+    adapted = load_pair(args.slm, None, dtype="bf16")  # an untrained LoRA: decoupled's real extra matmuls
     adapted.slm, _ = prepare_model(adapted.slm, adapted.reserved_ids, TrainConfig(slm=args.slm, groups="", out=""))
     adapted.slm.eval()
     local = dict(policy="s2t-local", trigger="entropy", threshold=thr, k=8, max_new_tokens=args.max_new_tokens)
-    runs = (("greedy", pair, DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens)),
-            ("s2t-local", pair, DecodeConfig(**local)),
-            ("s2t-local-decoupled", adapted, DecodeConfig(local_mode="decoupled", **local)))
-    totals = {name: [0.0, 0, 0] for name, _, _ in runs}  # seconds, tokens, triggers
-    for item in load_dataset("gsm8k").take(args.n):
-        for name, p, cfg in runs:
-            r = generate(p, [math_prompt(item.question)], cfg)
+    runs = [("greedy", pair, DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens), None)]
+    bundle = Path(args.selector) if args.selector else shipped_bundle(args.slm)
+    if bundle is not None:
+        if bundled_trigger(bundle) is None:
+            raise SystemExit(f"{bundle} has no learned trigger (make one with `s2t bundle`)")
+        trained = load_pair(args.slm, None, dtype="bf16")
+        apply_selector(trained, bundle)
+        thr_learned = load_threshold(bundled_trigger(bundle), "learned", args.slm, None)
+        runs.append(("s2t-local-shipped", trained, DecodeConfig(**{**local, "trigger": "learned", "threshold": thr_learned}),
+                     load_learned_trigger(bundled_trigger(bundle))))
+    runs.append(("s2t-local", pair, DecodeConfig(**local), None))
+    if not args.no_decoupled:
+        runs.append(("s2t-local-decoupled", adapted, DecodeConfig(local_mode="decoupled", **local), None))
+    result["selector"] = str(bundle) if bundle else None
+    totals = {name: [0.0, 0, 0] for name, *_ in runs}  # seconds, tokens, triggers
+    prompts = [math_prompt(item.question) for item in load_dataset("gsm8k").take(args.n)]
+    blocks = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    for block in blocks:
+        for name, p, cfg, trigger in runs:
+            r = generate(p, block, cfg, batch_size=args.batch, trigger=trigger)
             assert r.stats.llm_forwards == 0
             totals[name][0] += r.stats.wall_time_s
             totals[name][1] += r.stats.generated_tokens
             totals[name][2] += r.stats.triggers
     per_tok = {k: v[0] / max(v[1], 1) for k, v in totals.items()}
-    result["decode"] = {"n": args.n, "tokens": {k: v[1] for k, v in totals.items()},
+    result["decode"] = {"n": args.n, "batch": args.batch, "tokens": {k: v[1] for k, v in totals.items()},
                         "trigger_rate": {k: v[2] / max(v[1], 1) for k, v in totals.items()},
                         "time_per_token_ratio_over_greedy": {k: per_tok[k] / per_tok["greedy"] for k in per_tok},
                         "wall_ratio_over_greedy": {k: v[0] / totals["greedy"][0] for k, v in totals.items()}}

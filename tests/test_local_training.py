@@ -276,6 +276,8 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     import select2think.local.head_only as head_mod
     from safetensors.torch import load_file
 
+    from select2think import S2TError
+
     from select2think.local.bundle import export_bundle
     from select2think.local.head_only import feature_dir
 
@@ -306,7 +308,10 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     assert evaluate(model, val, pair.reserved_ids, pair.vocab_size, cfg(out))["agree_at_1"] == pytest.approx(best)
     # a second run (new learning rate) reuses every cached chunk: no backbone forward at all
     monkeypatch.setattr(head_mod, "candidate_hidden", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
-    run_train(cfg(tmp_path / "again", seed=1), progress=False)
+    again = run_train(cfg(tmp_path / "again", seed=1, keep="last"), progress=False)
+    assert again["best_epoch"] == 6  # keep="last": the last epoch's rows, whatever validation says
+    with pytest.raises(S2TError, match="keep"):
+        cfg(tmp_path / "x", keep="first")
     # it decodes with no LLM, tree path == K full prefixes, and bundles without an adapter
     trained = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out)
     local = dict(policy="s2t-local", trigger="always", max_new_tokens=12)
@@ -314,8 +319,6 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     ids = lambda res: [g.token_ids for g in res.generations]
     assert ids(generate(trained, prompts, DecodeConfig(**local))) == ids(
         generate(trained, prompts, DecodeConfig(fast=False, **local), batch_size=1))
-    from select2think import S2TError
-
     with pytest.raises(S2TError, match="head-only"):
         apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out, mode="decoupled")
     with pytest.raises(S2TError, match="learned trigger"):

@@ -280,6 +280,7 @@ def train(
     head_only: bool = typer.Option(False, help="no LoRA: train the 16 reserved rows alone on cached hidden states "
                                    "(one backbone forward per group, then seconds per epoch; the best epoch is kept)"),
     head_batch: int = typer.Option(32, help="groups per step with --head-only"),
+    keep: str = typer.Option("best", help="--head-only: best (validation epoch; its score is then optimistic) | last"),
     max_groups: Optional[int] = typer.Option(None),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
     layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
@@ -291,17 +292,17 @@ def train(
 
     res = run_train(TrainConfig(slm=slm, groups=groups, out=out, epochs=epochs, lr=lr, head_lr=head_lr, lora_r=lora_r,
                                 prior_weight=prior_weight, lora_dropout=lora_dropout, head_only=head_only, head_batch=head_batch,
-                                checkpoint_every=checkpoint_every, max_groups=max_groups, layout=layout, dtype=dtype, device=device))
+                                keep=keep, checkpoint_every=checkpoint_every, max_groups=max_groups, layout=layout, dtype=dtype, device=device))
     history = res["history"]
     if "best_epoch" in res:  # head-only: many cheap epochs; show the untrained, the kept and the last
         history = [history[i] for i in sorted({0, res["best_epoch"], len(history) - 1})]
-        console.print(f"kept epoch {res['best_epoch']} (best validation Agree@1)")
+        console.print(f"kept epoch {res['best_epoch']}" + (" (best validation Agree@1)" if keep == "best" else " (the last)"))
     for h in history:
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
         console.print(f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
                       f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%} "
                       f"({h['n']} groups)")
-    if res.get("best_epoch") == 0:
+    if res.get("best_epoch") == 0 and keep == "best":
         console.print("warning: no epoch beat the untrained rows on validation; they were kept, so the selector "
                       "picks as the untrained head does (greedy, with a prior). Try another --head-lr or more groups.")
     elif history[-1].get("tied", 0) > 0.5:

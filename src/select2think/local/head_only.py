@@ -5,7 +5,9 @@ never changes during training. So the backbone runs once per group, the results 
 groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later runs reuse it),
 and each epoch after that is a few small matrix products: many epochs in seconds instead of a backbone
 forward per group per epoch. Validation runs every epoch and the best epoch's rows are kept (the
-untrained rows, i.e. greedy, if no epoch beats them). The selector has no adapter: its
+untrained rows, i.e. greedy, if no epoch beats them), or with `keep="last"` the last epoch's: choose the
+settings by cross-validation on the training problems (benchmarks/head_sweep.py) and the validation
+score stays an unbiased estimate. The selector has no adapter: its
 `reserved_rows.safetensors` and `selector.json` are all of it (about 60 KB for a 0.5B SLM).
 """
 
@@ -114,7 +116,7 @@ def fit_head_only(cfg: TrainConfig, pair, groups: list[dict], train: list[dict],
             total += loss.item() * len(idx)
         history.append({"epoch": epoch, "train_loss": total / max(len(tr), 1),
                         **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)})
-        if history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
+        if cfg.keep == "last" or history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
             best_epoch, best_rows = epoch, rows.detach().clone()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ class TrainConfig:
     prior_weight: float = 0.1  # the SLM's log-prob joins each score (see module doc); 0 = the paper's head alone
     head_only: bool = False  # no LoRA: only the reserved rows learn, on cached hidden states (local/head_only.py)
     head_batch: int = 32  # groups per step of head-only training
+    keep: str = "best"  # head-only: the best validation epoch's rows, or the last epoch's (unbiased validation)
     margin: float = 0.1
     w_ce: float = 1.0
     w_hinge: float = 1.0
@@ -68,6 +69,8 @@ class TrainConfig:
             raise S2TError(f"epochs must be >= 1, got {self.epochs}")
         if self.prior_weight < 0:
             raise S2TError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if self.keep not in ("best", "last"):
+            raise S2TError(f"keep must be best or last, got {self.keep!r}")
         if self.head_batch < 1:
             raise S2TError(f"head_batch must be >= 1 group, got {self.head_batch}")
         if self.checkpoint_every < 1:

@@ -1,0 +1,100 @@
+"""Choose `s2t train --head-only` settings by cross-validation on the training problems alone.
+
+    .venv/bin/python benchmarks/head_sweep.py --groups runs/selector/groups --out runs/head_sweep.json
+
+Needs the hidden-state cache that one `s2t train --head-only` run leaves beside the groups (no model
+is loaded here). The validation problems that `s2t train` holds out (same seed, same fraction) are
+left out entirely, so the settings chosen here can then be trained with `--keep last` and scored once
+on them without selection bias. Each setting (head learning rate, prior weight) is trained on all but
+one fold of training problems and scored on that fold after every epoch; the mean curve over folds
+picks the setting and its epoch count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from select2think.local.head_only import feature_dir, head_metrics, head_scores
+from select2think.local.train import TrainConfig, load_groups, selection_loss, split_groups
+
+
+def cached_features(cfg: TrainConfig, groups: list[dict]):
+    chunks = sorted(feature_dir(cfg).glob("*.pt"))
+    parts = [torch.load(p) for p in chunks]
+    keys = [k for c in parts for k in c["keys"]]
+    if keys != [[g["item"], g["step"]] for g in groups]:
+        raise SystemExit(f"the cache in {feature_dir(cfg)} does not cover these groups: run s2t train --head-only first")
+    return torch.cat([c["hidden"] for c in parts]), torch.cat([c["logp"] for c in parts])
+
+
+def fit_curve(hidden, logp, q, tr, va, lr, prior, epochs, batch, cfg, seed=0) -> list[float]:
+    """Agree@1 on `va` after each epoch (index 0: untrained)."""
+    rows = torch.nn.Parameter(torch.zeros(16, hidden.shape[-1]))
+    opt = torch.optim.AdamW([rows], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    curve = [head_metrics(rows, hidden[va], logp[va], q[va], prior)["agree_at_1"]]
+    for _ in range(epochs):
+        for idx in tr[torch.randperm(len(tr), generator=gen)].split(batch):
+            scores, _ = head_scores(rows, hidden[idx], logp[idx], prior)
+            loss = selection_loss(scores, q[idx], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([rows], cfg.max_grad_norm)
+            opt.step()
+        curve.append(head_metrics(rows, hidden[va], logp[va], q[va], prior)["agree_at_1"])
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", required=True)
+    ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--head-batch", type=int, default=32)
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
+    ap.add_argument("--priors", default="0.1,0.2,0.4")
+    ap.add_argument("--out", default="runs/head_sweep.json")
+    args = ap.parse_args()
+
+    cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
+    groups = load_groups(cfg.groups)
+    hidden, logp = cached_features(cfg, groups)
+    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
+    q = q / q.sum(-1, keepdim=True)
+    train, _ = split_groups(groups, cfg)
+    where = {id(g): i for i, g in enumerate(groups)}
+    items = sorted({g["item"] for g in train})
+    random.Random(cfg.seed).shuffle(items)
+    fold_of = {it: i % args.folds for i, it in enumerate(items)}
+    idx = torch.tensor([where[id(g)] for g in train])
+    fold = torch.tensor([fold_of[g["item"]] for g in train])
+
+    results = []
+    for lr, prior in itertools.product([float(x) for x in args.lrs.split(",")], [float(x) for x in args.priors.split(",")]):
+        curves, weights = [], []
+        for f in range(args.folds):
+            tr, va = idx[fold != f], idx[fold == f]
+            curves.append(fit_curve(hidden, logp, q, tr, va, lr, prior, args.epochs, args.head_batch, cfg))
+            weights.append(len(va))
+        mean = [sum(w * c[e] for w, c in zip(weights, curves)) / sum(weights) for e in range(args.epochs + 1)]
+        best = max(range(len(mean)), key=mean.__getitem__)
+        results.append({"head_lr": lr, "prior_weight": prior, "best_epoch": best, "cv_agree_at_1": mean[best],
+                        "cv_agree_untrained": mean[0], "curve": mean})
+        print(f"lr {lr:g} prior {prior:g}: untrained {mean[0]:.3f}  best {mean[best]:.3f} at epoch {best}", flush=True)
+    results.sort(key=lambda r: -r["cv_agree_at_1"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"groups": args.groups, "train_groups": len(train), "folds": args.folds,
+                                          "train_problems": len(items), "results": results}, indent=2))
+    print("best:", {k: v for k, v in results[0].items() if k != "curve"})
+
+
+if __name__ == "__main__":
+    main()
