@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--head-batch", type=int, default=32)
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     ap.add_argument("--priors", default="0.1,0.2,0.4")
+    ap.add_argument("--train-fraction", type=float, default=1.0,
+                    help="fit on this share of each fold's training problems (a learning curve: would more groups help?)")
     ap.add_argument("--out", default="runs/head_sweep.json")
     args = ap.parse_args()
 
@@ -82,6 +84,10 @@ def main() -> None:
         curves, weights = [], []
         for f in range(args.folds):
             tr, va = idx[fold != f], idx[fold == f]
+            if args.train_fraction < 1:  # whole problems, the same ones for every setting
+                keep = [it for it in items if fold_of[it] != f]
+                keep = set(keep[: max(1, round(len(keep) * args.train_fraction))])
+                tr = idx[(fold != f) & torch.tensor([g["item"] in keep for g in train])]
             curves.append(fit_curve(hidden, logp, q, tr, va, lr, prior, args.epochs, args.head_batch, cfg))
             weights.append(len(va))
         mean = [sum(w * c[e] for w, c in zip(weights, curves)) / sum(weights) for e in range(args.epochs + 1)]
@@ -92,6 +98,7 @@ def main() -> None:
     results.sort(key=lambda r: -r["cv_agree_at_1"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"groups": args.groups, "train_groups": len(train), "folds": args.folds,
+                                          "train_fraction": args.train_fraction,
                                           "train_problems": len(items), "results": results}, indent=2))
     print("best:", {k: v for k, v in results[0].items() if k != "curve"})
 
