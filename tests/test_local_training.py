@@ -104,6 +104,14 @@ def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tin
     assert len(local) == 4 and all(r["stats"]["llm_forwards"] == 0 for r in local)
     assert {r["policy"] for r in local} == {"s2t-local[sel,ent]", "s2t-local[sel,ent,decoupled]"}
     assert sum(r["stats"]["triggers"] for r in local) > 0
+    # the run records which selector and thresholds produced it, by content
+    import hashlib
+
+    inputs = json.loads((tmp_path / "both" / "config.json").read_text())["invocations"][-1]["inputs"]
+    rows = sel / "reserved_rows.safetensors"
+    assert set(inputs) == {"s2t-local[sel,ent]", "s2t-local[sel,ent,decoupled]"}
+    assert inputs["s2t-local[sel,ent]"][str(rows)] == hashlib.sha256(rows.read_bytes()).hexdigest()
+    assert str(tmp_path / "ent.json") in inputs["s2t-local[sel,ent]"]
 
 
 def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collected, tiny_pair, tmp_path):

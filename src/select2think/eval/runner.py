@@ -151,6 +151,17 @@ def read_lines(path: Path) -> list[dict]:
     return rows
 
 
+def _fingerprint(spec) -> dict:
+    """sha256 of the files a policy reads besides the models (thresholds, a selector's weights), so that a
+    run records which selector or calibration produced it, not just their names."""
+    import hashlib
+
+    paths = [Path(spec.threshold_file)] if spec.threshold_file else []
+    if spec.adapter:
+        paths += sorted(p for p in Path(spec.adapter).iterdir() if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in dict.fromkeys(paths)}
+
+
 def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
     """The run's identity, models and versions. A resumed run keeps what earlier invocations recorded
     (an invocation without the LLM must not drop its size, which the report's compute column needs)
@@ -165,7 +176,9 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
             "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
             "started": old.get("started", now), "models": dict(old.get("models", {})),
             "invocations": old.get("invocations", []) + [{"at": now, "policies": labels,
-                                                          "batch_size": cfg.batch_size}]}
+                                                          "batch_size": cfg.batch_size,
+                                                          "inputs": {s.label: _fingerprint(s) for s in specs
+                                                                     if s.threshold_file or s.adapter}}]}
     for role, model in (("slm", pair.slm), ("llm", pair.llm)):
         if model is None:
             continue
