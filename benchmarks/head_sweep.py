@@ -13,6 +13,7 @@ picks the setting and its epoch count.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import random
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from select2think.local.head_only import feature_dir, head_metrics, head_scores
-from select2think.local.train import TrainConfig, load_groups, selection_loss, split_groups
+from select2think.local.head_only import feature_dir, head_metrics, train_rows
+from select2think.local.train import TrainConfig, load_groups, split_groups
 
 
 def cached_features(cfg: TrainConfig, groups: list[dict]):
@@ -33,22 +34,11 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
     return torch.cat([c["hidden"] for c in parts]), torch.cat([c["logp"] for c in parts])
 
 
-def fit_curve(hidden, logp, q, tr, va, lr, prior, epochs, batch, cfg, seed=0) -> list[float]:
-    """Agree@1 on `va` after each epoch (index 0: untrained)."""
-    rows = torch.nn.Parameter(torch.zeros(16, hidden.shape[-1]))
-    opt = torch.optim.AdamW([rows], lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    curve = [head_metrics(rows, hidden[va], logp[va], q[va], prior)["agree_at_1"]]
-    for _ in range(epochs):
-        for idx in tr[torch.randperm(len(tr), generator=gen)].split(batch):
-            scores, _ = head_scores(rows, hidden[idx], logp[idx], prior)
-            loss = selection_loss(scores, q[idx], cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([rows], cfg.max_grad_norm)
-            opt.step()
-        curve.append(head_metrics(rows, hidden[va], logp[va], q[va], prior)["agree_at_1"])
-    return curve
+def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:
+    """Agree@1 on `va` after each epoch of `s2t train --head-only`'s own loop (index 0: untrained)."""
+    agree = lambda rows: head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)["agree_at_1"]
+    init = torch.zeros(16, hidden.shape[-1])
+    return [agree(init)] + [agree(rows) for _, rows, _ in train_rows(init, hidden, logp, q, tr, cfg)]
 
 
 def main() -> None:
@@ -66,7 +56,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/head_sweep.json")
     args = ap.parse_args()
 
-    cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
+    cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True,
+                      epochs=args.epochs, head_batch=args.head_batch)
     groups = load_groups(cfg.groups)
     hidden, logp = cached_features(cfg, groups)
     q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
@@ -88,7 +79,7 @@ def main() -> None:
                 keep = [it for it in items if fold_of[it] != f]
                 keep = set(keep[: max(1, round(len(keep) * args.train_fraction))])
                 tr = idx[(fold != f) & torch.tensor([g["item"] in keep for g in train])]
-            curves.append(fit_curve(hidden, logp, q, tr, va, lr, prior, args.epochs, args.head_batch, cfg))
+            curves.append(fit_curve(hidden, logp, q, tr, va, dataclasses.replace(cfg, head_lr=lr, prior_weight=prior)))
             weights.append(len(va))
         mean = [sum(w * c[e] for w, c in zip(weights, curves)) / sum(weights) for e in range(args.epochs + 1)]
         best = max(range(len(mean)), key=mean.__getitem__)

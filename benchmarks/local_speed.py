@@ -82,13 +82,14 @@ def bench_decode(args, out: Path) -> None:
     runs = [("greedy", pair, DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens), None)]
     bundle = Path(args.selector) if args.selector else shipped_bundle(args.slm)
     if bundle is not None:
-        if bundled_trigger(bundle) is None:
+        trigger_file = bundled_trigger(bundle)
+        if trigger_file is None:
             raise SystemExit(f"{bundle} has no learned trigger (make one with `s2t bundle`)")
         trained = load_pair(args.slm, None, dtype="bf16")
         apply_selector(trained, bundle)
-        thr_learned = load_threshold(bundled_trigger(bundle), "learned", args.slm, None)
+        thr_learned = load_threshold(trigger_file, "learned", args.slm, None)
         runs.append(("s2t-local-shipped", trained, DecodeConfig(**{**local, "trigger": "learned", "threshold": thr_learned}),
-                     load_learned_trigger(bundled_trigger(bundle))))
+                     load_learned_trigger(trigger_file)))
     runs.append(("s2t-local", pair, DecodeConfig(**local), None))
     if not args.no_decoupled:
         runs.append(("s2t-local-decoupled", adapted, DecodeConfig(local_mode="decoupled", **local), None))

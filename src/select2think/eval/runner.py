@@ -154,12 +154,12 @@ def read_lines(path: Path) -> list[dict]:
 def _fingerprint(spec) -> dict:
     """sha256 of the files a policy reads besides the models (thresholds, a selector's weights), so that a
     run records which selector or calibration produced it, not just their names."""
-    import hashlib
+    from ..models.cache import sha256_of
 
     paths = [Path(spec.threshold_file)] if spec.threshold_file else []
     if spec.adapter:
         paths += sorted(p for p in Path(spec.adapter).iterdir() if p.is_file())
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in dict.fromkeys(paths)}
+    return {str(p): sha256_of(p) for p in dict.fromkeys(paths)}  # a bundle's own trigger is listed once
 
 
 def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:

@@ -85,6 +85,25 @@ def head_metrics(rows, hidden, logp, q, prior_weight) -> dict:
             "n": len(q)}
 
 
+def train_rows(init: torch.Tensor, hidden, logp, q, tr: torch.Tensor, cfg: TrainConfig):
+    """Fit the reserved rows from `init` on the groups indexed by `tr`: yields (epoch, rows, mean training
+    loss) after each of `cfg.epochs` epochs (the rows are the live parameter: clone to keep them)."""
+    rows = torch.nn.Parameter(init.clone())
+    opt = torch.optim.AdamW([rows], lr=cfg.head_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(1, cfg.epochs + 1):
+        total = 0.0
+        for idx in tr[torch.randperm(len(tr), generator=gen)].split(cfg.head_batch):
+            scores, _ = head_scores(rows, hidden[idx], logp[idx], cfg.prior_weight)
+            loss = selection_loss(scores, q[idx], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([rows], cfg.max_grad_norm)
+            opt.step()
+            total += loss.item() * len(idx)
+        yield epoch, rows, total / max(len(tr), 1)
+
+
 def fit_head_only(cfg: TrainConfig, pair, groups: list[dict], train: list[dict], val: list[dict],
                   progress: bool = True) -> dict:
     """`train` and `val` are sublists of `groups`, whose (file) order the feature cache follows."""
@@ -99,22 +118,11 @@ def fit_head_only(cfg: TrainConfig, pair, groups: list[dict], train: list[dict],
     where = {id(g): i for i, g in enumerate(groups)}
     tr, va = (torch.tensor([where[id(g)] for g in part], dtype=torch.long) for part in (train, val))
     init = model.get_output_embeddings().weight.detach()[reserved].float().cpu()
-    rows = torch.nn.Parameter(torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone())
-    opt = torch.optim.AdamW([rows], lr=cfg.head_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
     history = [{"epoch": 0, "train_loss": None, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}]
-    best_epoch, best_rows = 0, rows.detach().clone()
-    for epoch in range(1, cfg.epochs + 1):
-        total = 0.0
-        for idx in tr[torch.randperm(len(tr), generator=gen)].split(cfg.head_batch):
-            scores, _ = head_scores(rows, hidden[idx], logp[idx], cfg.prior_weight)
-            loss = selection_loss(scores, q[idx], cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([rows], cfg.max_grad_norm)
-            opt.step()
-            total += loss.item() * len(idx)
-        history.append({"epoch": epoch, "train_loss": total / max(len(tr), 1),
+    best_epoch, best_rows = 0, rows.clone()
+    for epoch, rows, loss in train_rows(rows, hidden, logp, q, tr, cfg):
+        history.append({"epoch": epoch, "train_loss": loss,
                         **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)})
         if cfg.keep == "last" or history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
             best_epoch, best_rows = epoch, rows.detach().clone()
