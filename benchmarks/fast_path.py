@@ -39,8 +39,14 @@ def main() -> None:
     thr_file = out / f"kl_q{args.quantile}.json"
     if not thr_file.is_file():
         calib = load_gsm_symbolic("calib", limit=args.n_calib)
-        calibrate(pair, [math_prompt(i.question) for i in calib.items], "kl", args.quantile,
-                  dataset="gsm_symbolic:calib", max_new_tokens=args.max_new_tokens).save(thr_file)
+        calibrate(
+            pair,
+            [math_prompt(i.question) for i in calib.items],
+            "kl",
+            args.quantile,
+            dataset="gsm_symbolic:calib",
+            max_new_tokens=args.max_new_tokens,
+        ).save(thr_file)
     threshold = load_threshold(thr_file, "kl", args.slm, args.llm)
     items = load_dataset("gsm8k").take(args.n)
     lines = out / "items.jsonl"
@@ -50,23 +56,36 @@ def main() -> None:
             continue
         row = {"id": item.id}
         for name, fast in (("reference", False), ("fast", True)):
-            cfg = DecodeConfig(policy="s2t", trigger="kl", threshold=threshold, k=8, fast=fast,
-                               draft_len=args.draft_len, max_new_tokens=args.max_new_tokens)
+            cfg = DecodeConfig(
+                policy="s2t",
+                trigger="kl",
+                threshold=threshold,
+                k=8,
+                fast=fast,
+                draft_len=args.draft_len,
+                max_new_tokens=args.max_new_tokens,
+            )
             r = generate(pair, [math_prompt(item.question)], cfg, batch_size=1)
             row[name] = {"tokens": r.generations[0].token_ids, "stats": r.stats.to_dict()}
         row["identical"] = row["reference"]["tokens"] == row["fast"]["tokens"]
         with open(lines, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-        print(item.id, "identical" if row["identical"] else "DIFFERENT",
-              f"ref {row['reference']['stats']['wall_time_s']:.1f}s fast {row['fast']['stats']['wall_time_s']:.1f}s",
-              flush=True)
+        print(
+            item.id,
+            "identical" if row["identical"] else "DIFFERENT",
+            f"ref {row['reference']['stats']['wall_time_s']:.1f}s fast {row['fast']['stats']['wall_time_s']:.1f}s",
+            flush=True,
+        )
     rows = [json.loads(l) for l in lines.read_text().splitlines()]
     tot = lambda name, key: sum(r[name]["stats"][key] for r in rows)
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.dtype}",
-        "n": len(rows), "identical": sum(r["identical"] for r in rows), "threshold": threshold,
-        "quantile": args.quantile, "draft_len": args.draft_len,
+        "n": len(rows),
+        "identical": sum(r["identical"] for r in rows),
+        "threshold": threshold,
+        "quantile": args.quantile,
+        "draft_len": args.draft_len,
         "trigger_rate_reference": tot("reference", "triggers") / tot("reference", "generated_tokens"),
         "llm_forwards_per_token_reference": tot("reference", "llm_forwards") / tot("reference", "generated_tokens"),
         "llm_forwards_per_token_fast": tot("fast", "llm_forwards") / tot("fast", "generated_tokens"),

@@ -30,7 +30,9 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
     parts = [torch.load(p) for p in chunks]
     keys = [k for c in parts for k in c["keys"]]
     if keys != [[g["item"], g["step"]] for g in groups]:
-        raise SystemExit(f"the cache in {feature_dir(cfg)} does not cover these groups: run s2t train --head-only first")
+        raise SystemExit(
+            f"the cache in {feature_dir(cfg)} does not cover these groups: run s2t train --head-only first"
+        )
     return torch.cat([c["hidden"] for c in parts]), torch.cat([c["logp"] for c in parts])
 
 
@@ -51,13 +53,24 @@ def main() -> None:
     ap.add_argument("--head-batch", type=int, default=32)
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     ap.add_argument("--priors", default="0.1,0.2,0.4")
-    ap.add_argument("--train-fraction", type=float, default=1.0,
-                    help="fit on this share of each fold's training problems (a learning curve: would more groups help?)")
+    ap.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="fit on this share of each fold's training problems (a learning curve: would more groups help?)",
+    )
     ap.add_argument("--out", default="runs/head_sweep.json")
     args = ap.parse_args()
 
-    cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True,
-                      epochs=args.epochs, head_batch=args.head_batch)
+    cfg = TrainConfig(
+        slm=args.slm,
+        groups=args.groups,
+        out="-",
+        dtype=args.dtype,
+        head_only=True,
+        epochs=args.epochs,
+        head_batch=args.head_batch,
+    )
     groups = load_groups(cfg.groups)
     hidden, logp = cached_features(cfg, groups)
     q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
@@ -71,7 +84,9 @@ def main() -> None:
     fold = torch.tensor([fold_of[g["item"]] for g in train])
 
     results = []
-    for lr, prior in itertools.product([float(x) for x in args.lrs.split(",")], [float(x) for x in args.priors.split(",")]):
+    for lr, prior in itertools.product(
+        [float(x) for x in args.lrs.split(",")], [float(x) for x in args.priors.split(",")]
+    ):
         curves, weights = [], []
         for f in range(args.folds):
             tr, va = idx[fold != f], idx[fold == f]
@@ -83,14 +98,32 @@ def main() -> None:
             weights.append(len(va))
         mean = [sum(w * c[e] for w, c in zip(weights, curves)) / sum(weights) for e in range(args.epochs + 1)]
         best = max(range(len(mean)), key=mean.__getitem__)
-        results.append({"head_lr": lr, "prior_weight": prior, "best_epoch": best, "cv_agree_at_1": mean[best],
-                        "cv_agree_untrained": mean[0], "curve": mean})
+        results.append(
+            {
+                "head_lr": lr,
+                "prior_weight": prior,
+                "best_epoch": best,
+                "cv_agree_at_1": mean[best],
+                "cv_agree_untrained": mean[0],
+                "curve": mean,
+            }
+        )
         print(f"lr {lr:g} prior {prior:g}: untrained {mean[0]:.3f}  best {mean[best]:.3f} at epoch {best}", flush=True)
     results.sort(key=lambda r: -r["cv_agree_at_1"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"groups": args.groups, "train_groups": len(train), "folds": args.folds,
-                                          "train_fraction": args.train_fraction,
-                                          "train_problems": len(items), "results": results}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "groups": args.groups,
+                "train_groups": len(train),
+                "folds": args.folds,
+                "train_fraction": args.train_fraction,
+                "train_problems": len(items),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print("best:", {k: v for k, v in results[0].items() if k != "curve"})
 
 

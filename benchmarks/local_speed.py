@@ -43,7 +43,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
-    ap.add_argument("--selector", default=None, help="selector or bundle with a learned trigger (default: the shipped one)")
+    ap.add_argument(
+        "--selector", default=None, help="selector or bundle with a learned trigger (default: the shipped one)"
+    )
     ap.add_argument("--no-decoupled", action="store_true", help="skip the decoupled run")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--contexts", default="127,255,511")
@@ -72,8 +74,14 @@ def bench_decode(args, out: Path) -> None:
     thr_file = out / "entropy_q0.9.json"
     if not thr_file.is_file():
         calib = load_gsm_symbolic("calib", limit=8)
-        calibrate(pair, [math_prompt(i.question) for i in calib.items], "entropy", 0.90,
-                  dataset="gsm_symbolic:calib", max_new_tokens=args.max_new_tokens).save(thr_file)
+        calibrate(
+            pair,
+            [math_prompt(i.question) for i in calib.items],
+            "entropy",
+            0.90,
+            dataset="gsm_symbolic:calib",
+            max_new_tokens=args.max_new_tokens,
+        ).save(thr_file)
     thr = load_threshold(thr_file, "entropy", args.slm, None)
     adapted = load_pair(args.slm, None, dtype="bf16")  # an untrained LoRA: decoupled's real extra matmuls
     adapted.slm, _ = prepare_model(adapted.slm, adapted.reserved_ids, TrainConfig(slm=args.slm, groups="", out=""))
@@ -88,15 +96,21 @@ def bench_decode(args, out: Path) -> None:
         trained = load_pair(args.slm, None, dtype="bf16")
         apply_selector(trained, bundle)
         thr_learned = load_threshold(trigger_file, "learned", args.slm, None)
-        runs.append(("s2t-local-shipped", trained, DecodeConfig(**{**local, "trigger": "learned", "threshold": thr_learned}),
-                     load_learned_trigger(trigger_file)))
+        runs.append(
+            (
+                "s2t-local-shipped",
+                trained,
+                DecodeConfig(**{**local, "trigger": "learned", "threshold": thr_learned}),
+                load_learned_trigger(trigger_file),
+            )
+        )
     runs.append(("s2t-local", pair, DecodeConfig(**local), None))
     if not args.no_decoupled:
         runs.append(("s2t-local-decoupled", adapted, DecodeConfig(local_mode="decoupled", **local), None))
     result["selector"] = str(bundle) if bundle else None
     totals = {name: [0.0, 0, 0] for name, *_ in runs}  # seconds, tokens, triggers
     prompts = [math_prompt(item.question) for item in load_dataset("gsm8k").take(args.n)]
-    blocks = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    blocks = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
     for block in blocks:
         for name, p, cfg, trigger in runs:
             r = generate(p, block, cfg, batch_size=args.batch, trigger=trigger)
@@ -105,10 +119,14 @@ def bench_decode(args, out: Path) -> None:
             totals[name][1] += r.stats.generated_tokens
             totals[name][2] += r.stats.triggers
     per_tok = {k: v[0] / max(v[1], 1) for k, v in totals.items()}
-    result["decode"] = {"n": args.n, "batch": args.batch, "tokens": {k: v[1] for k, v in totals.items()},
-                        "trigger_rate": {k: v[2] / max(v[1], 1) for k, v in totals.items()},
-                        "time_per_token_ratio_over_greedy": {k: per_tok[k] / per_tok["greedy"] for k in per_tok},
-                        "wall_ratio_over_greedy": {k: v[0] / totals["greedy"][0] for k, v in totals.items()}}
+    result["decode"] = {
+        "n": args.n,
+        "batch": args.batch,
+        "tokens": {k: v[1] for k, v in totals.items()},
+        "trigger_rate": {k: v[2] / max(v[1], 1) for k, v in totals.items()},
+        "time_per_token_ratio_over_greedy": {k: per_tok[k] / per_tok["greedy"] for k in per_tok},
+        "wall_ratio_over_greedy": {k: v[0] / totals["greedy"][0] for k, v in totals.items()},
+    }
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2), flush=True)
 
@@ -121,7 +139,9 @@ def bench_train(args, out: Path) -> None:
         cfg = TrainConfig(slm=args.slm, groups="", out="", dtype=dtype)
         model, rows = prepare_model(train_pair.slm, train_pair.reserved_ids, cfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [rows.weight], lr=1e-5)
-        ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))["input_ids"]
+        ids = train_pair.tokenizer(" ".join(i.question for i in load_gsm_symbolic("train", limit=12).items))[
+            "input_ids"
+        ]
         for context in (int(c) for c in args.contexts.split(",")):
             group = {"context": ids[:context], "candidates": list(range(1000, 1016)), "llm_probs": [1 / 16] * 16}
             row = {"K": 16, "context": context, "dtype": dtype}
@@ -130,7 +150,9 @@ def bench_train(args, out: Path) -> None:
                     continue
                 cfg.layout = layout
                 spent = []
-                warmup = 1 if layout == "tree" else 0  # a cheap first pass warms up allocators; naive is too slow to repeat
+                warmup = (
+                    1 if layout == "tree" else 0
+                )  # a cheap first pass warms up allocators; naive is too slow to repeat
                 for _ in range(args.reps + warmup):
                     t = time.perf_counter()
                     loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)

@@ -32,8 +32,16 @@ def test_one_forward_statistics_match_a_slow_per_token_computation(tiny_pair):
 
 
 def test_analysis_run_writes_outputs_and_resumes(tmp_path):
-    cfg = AnalyzeConfig(slm="tiny-slm", llm="tiny-llm", dataset="gsm_symbolic:dev", out=str(tmp_path), limit=3,
-                        max_new_tokens=12, dtype="fp32", device="cpu")
+    cfg = AnalyzeConfig(
+        slm="tiny-slm",
+        llm="tiny-llm",
+        dataset="gsm_symbolic:dev",
+        out=str(tmp_path),
+        limit=3,
+        max_new_tokens=12,
+        dtype="fp32",
+        device="cpu",
+    )
     summary = run_analysis(cfg, progress=False)
     assert summary["problems"] == 3 and summary["steps"] == 3 * (12 - 3)
     d = summary["definitions"]

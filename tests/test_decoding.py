@@ -26,8 +26,9 @@ def run(pair, fast, bs, prompts=PROMPTS, **kw):
     return generate(pair, prompts, DecodeConfig(fast=fast, **kw), batch_size=bs)
 
 
-@pytest.mark.parametrize("policy,k,q,draft", [("s2t", 8, 0.8, 16), ("s2t", 2, 0.5, 4), ("takeover", 8, 0.8, 8),
-                                             ("s2t", 64, 0.95, 1)])
+@pytest.mark.parametrize(
+    "policy,k,q,draft", [("s2t", 8, 0.8, 16), ("s2t", 2, 0.5, 4), ("takeover", 8, 0.8, 8), ("s2t", 64, 0.95, 1)]
+)
 def test_draft_verify_matches_reference(tiny_pair, kl_thresholds, policy, k, q, draft):
     cfg = dict(policy=policy, k=k, trigger="kl", threshold=kl_thresholds[q], draft_len=draft)
     ref = run(tiny_pair, False, 1, **cfg)
@@ -94,9 +95,15 @@ def test_stats_hit_at_k_is_reported_at_triggers(tiny_pair, kl_thresholds):
     assert r.stats.hit_at_k is not None and 0.0 <= r.stats.hit_at_k <= 1.0
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(k=0), "k must be between 1 and 64"), (dict(k=65), "k must be"),
-                                    (dict(policy="s2t", trigger="kl"), "needs a threshold"),
-                                    (dict(policy="nope"), "unknown policy")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(k=0), "k must be between 1 and 64"),
+        (dict(k=65), "k must be"),
+        (dict(policy="s2t", trigger="kl"), "needs a threshold"),
+        (dict(policy="nope"), "unknown policy"),
+    ],
+)
 def test_bad_config_is_refused(kw, msg):
     with pytest.raises(S2TError, match=msg):
         DecodeConfig(**kw)
@@ -113,8 +120,16 @@ def test_calibration_roundtrip_and_mismatch_checks(tiny_pair, tmp_path):
     cal.save(path)
     thr = load_threshold(path, "kl", "tiny-slm", "tiny-llm")
     assert thr == pytest.approx(cal.threshold) and json.loads(path.read_text())["n_steps"] > 20
-    r = run(tiny_pair, True, 2, prompts=["Count to ten.", "Name a color."], policy="s2t", trigger="kl",
-            threshold=thr, max_new_tokens=30)
+    r = run(
+        tiny_pair,
+        True,
+        2,
+        prompts=["Count to ten.", "Name a color."],
+        policy="s2t",
+        trigger="kl",
+        threshold=thr,
+        max_new_tokens=30,
+    )
     assert 0.05 < r.stats.trigger_rate < 0.4  # about 20% of steps after warm-up
     with pytest.raises(S2TError, match="trigger 'kl', not 'entropy'"):
         load_threshold(path, "entropy", "tiny-slm", "tiny-llm")
@@ -131,8 +146,25 @@ def test_cli_refuses_test_split_and_bad_k(capsys):
 
     assert main(["calibrate", "--slm", "tiny-slm", "--llm", "tiny-llm", "--dataset", "gsm8k", "--out", "x.json"]) == 2
     assert "test split" in capsys.readouterr().err
-    assert main(["generate", "--slm", "tiny-slm", "--llm", "tiny-llm", "--policy", "s2t", "--k", "65",
-                 "--threshold", "1.0", "hi"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--slm",
+                "tiny-slm",
+                "--llm",
+                "tiny-llm",
+                "--policy",
+                "s2t",
+                "--k",
+                "65",
+                "--threshold",
+                "1.0",
+                "hi",
+            ]
+        )
+        == 2
+    )
     assert "k must be between 1 and 64" in capsys.readouterr().err
     assert main(["calibrate", "--quantile", "1.5", "--out", "x.json"]) == 2
 
@@ -140,8 +172,30 @@ def test_cli_refuses_test_split_and_bad_k(capsys):
 def test_cli_generate_json(capsys, tiny_pair):
     from select2think.cli import main
 
-    assert main(["generate", "--slm", "tiny-slm", "--llm", "tiny-llm", "--policy", "s2t", "--trigger", "entropy",
-                 "--threshold", "0.0", "--max-new-tokens", "8", "--dtype", "fp32", "--json", "Hello"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--slm",
+                "tiny-slm",
+                "--llm",
+                "tiny-llm",
+                "--policy",
+                "s2t",
+                "--trigger",
+                "entropy",
+                "--threshold",
+                "0.0",
+                "--max-new-tokens",
+                "8",
+                "--dtype",
+                "fp32",
+                "--json",
+                "Hello",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["path"] == "lazy-llm" and out["stats"]["generated_tokens"] == 8 and out["stats"]["triggers"] == 5
 
@@ -178,11 +232,18 @@ def test_retired_rows_leave_the_cache_and_the_others_decode_unchanged(tiny_pair)
     assert kept.row_tokens == whole.row_tokens == [6, 2, 5]
 
 
-@pytest.mark.parametrize("policy,extra", [("greedy", {}), ("sample", {"seed": 3}), ("llm", {}),
-                                          ("s2t", {"trigger": "always", "fast": False}),
-                                          ("s2t", {"trigger": "kl", "threshold": 0.0}),  # draft-verify
-                                          ("takeover", {"trigger": "entropy", "threshold": 0.0}),  # lazy LLM
-                                          ("s2t-local", {"trigger": "always"})])
+@pytest.mark.parametrize(
+    "policy,extra",
+    [
+        ("greedy", {}),
+        ("sample", {"seed": 3}),
+        ("llm", {}),
+        ("s2t", {"trigger": "always", "fast": False}),
+        ("s2t", {"trigger": "kl", "threshold": 0.0}),  # draft-verify
+        ("takeover", {"trigger": "entropy", "threshold": 0.0}),  # lazy LLM
+        ("s2t-local", {"trigger": "always"}),
+    ],
+)
 def test_a_row_retired_early_leaves_the_batch_output_unchanged(tiny_pair, policy, extra):
     prompts = ["Hi", "Tell me a long story about a cat and a dog.", "Count to ten."]
     free = generate(tiny_pair, prompts[:1], DecodeConfig(policy=policy, max_new_tokens=10, **extra), batch_size=1)

@@ -14,11 +14,14 @@ from select2think.eval.runner import parse_policy, read_lines
 from select2think.eval.vote import majority, normalise, pass_at_k
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
-    ("\\boxed{1} then \\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),
-    ("\\boxed{3", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+        ("\\boxed{1} then \\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),
+        ("\\boxed{3", None),
+    ],
+)
 def test_last_boxed_balances_braces(text, expected):
     assert last_boxed(text) == expected
 
@@ -96,9 +99,35 @@ def test_read_lines_drops_a_partial_last_line(tmp_path):
 
 
 def _eval_cmd(out, *extra):
-    return [sys.executable, "-m", "select2think.cli", "eval", "--slm", "tiny-slm", "--llm", "tiny-llm",
-            "--dataset", "gsm8k", "--limit", "6", "--max-new-tokens", "12", "--dtype", "fp32", "--device", "cpu",
-            "--policy", "greedy", "--policy", "maj@2", "--batch-size", "2", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "select2think.cli",
+        "eval",
+        "--slm",
+        "tiny-slm",
+        "--llm",
+        "tiny-llm",
+        "--dataset",
+        "gsm8k",
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "12",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--policy",
+        "greedy",
+        "--policy",
+        "maj@2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_eval_resumes_after_sigkill_without_duplicates(tmp_path):
@@ -129,12 +158,31 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     from select2think.cli import main
     from select2think.eval.report import build_report
 
-    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm8k", "--limit", "4", "--max-new-tokens", "8",
-            "--dtype", "fp32", "--device", "cpu", "--policy", "greedy", "--policy", "sample"]
+    base = [
+        "eval",
+        "--slm",
+        "tiny-slm",
+        "--dataset",
+        "gsm8k",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--policy",
+        "greedy",
+        "--policy",
+        "sample",
+    ]
     assert main(base + ["--out", str(tmp_path / "whole")]) == 0
     for i in range(2):
         assert main(base + ["--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--batch-size", "1"]) == 0
-    whole = {(r["item"], r["policy"]): r["prediction"] for r in read_lines(tmp_path / "whole" / "results.shard0of1.jsonl")}
+    whole = {
+        (r["item"], r["policy"]): r["prediction"] for r in read_lines(tmp_path / "whole" / "results.shard0of1.jsonl")
+    }
     sharded = {}
     for i in range(2):
         for r in read_lines(tmp_path / "sharded" / f"results.shard{i}of2.jsonl"):
@@ -147,13 +195,30 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
 def test_report_prints_bracketed_policy_labels_verbatim(tmp_path, capsys):
     from select2think.cli import main
 
-    stats = dict(generated_tokens=10, slm_forwards=10, slm_tokens=20, llm_forwards=1, llm_tokens=16, triggers=1,
-                 flips=1, wall_time_s=1.0)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "identity": {"dataset": "gsm8k", "slm": "a", "llm": "b", "max_new_tokens": 12},
-        "policies": ["greedy", "s2t[kl99]"], "machine": "test"}))
-    lines = [{"item": f"q{i}", "policy": p, "correct": i == 0, "stats": stats}
-             for i in range(2) for p in ("greedy", "s2t[kl99]")]
+    stats = dict(
+        generated_tokens=10,
+        slm_forwards=10,
+        slm_tokens=20,
+        llm_forwards=1,
+        llm_tokens=16,
+        triggers=1,
+        flips=1,
+        wall_time_s=1.0,
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "identity": {"dataset": "gsm8k", "slm": "a", "llm": "b", "max_new_tokens": 12},
+                "policies": ["greedy", "s2t[kl99]"],
+                "machine": "test",
+            }
+        )
+    )
+    lines = [
+        {"item": f"q{i}", "policy": p, "correct": i == 0, "stats": stats}
+        for i in range(2)
+        for p in ("greedy", "s2t[kl99]")
+    ]
     (tmp_path / "results.shard0of1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -166,8 +231,25 @@ def test_a_resumed_run_without_the_llm_keeps_its_size_for_the_compute_column(tmp
     from select2think.cli import main
     from select2think.eval.report import build_report
 
-    base = ["eval", "--slm", "tiny-slm", "--llm", "tiny-llm", "--dataset", "gsm8k", "--limit", "2",
-            "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path)]
+    base = [
+        "eval",
+        "--slm",
+        "tiny-slm",
+        "--llm",
+        "tiny-llm",
+        "--dataset",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(base + ["--policy", "llm"]) == 0
     assert main(base + ["--policy", "greedy", "--batch-size", "1"]) == 0  # loads no LLM
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -20,7 +20,7 @@ def test_tree_scores_equal_full_prefix_rescoring(tiny_pair):
     tree = score_from_logits(raw[0], tiny_pair.reserved_ids)
     naive = naive_scores(tiny_pair.slm, prefix, cands, tiny_pair.reserved_ids)
     assert torch.allclose(tree, naive, atol=1e-5)
-    assert 0.0 <= float(tree.min()) and float(tree.max()) <= 1.0
+    assert float(tree.min()) >= 0.0 and float(tree.max()) <= 1.0
     # keeping candidate 3 leaves the cache as if it had been fed normally
     b.accept_tree(0, base + 3)
     nxt = b.extend(torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.bool))[0, -1]
@@ -46,7 +46,11 @@ def test_local_tree_decoding_matches_reference_and_never_uses_the_llm(tiny_pair,
     assert fast.stats.triggers > 0 and fast.stats.flips > 0
     greedy = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=24), batch_size=1)
     # scoring rides on the forward that feeds the chosen token: at most one extra (a trigger on a final step)
-    assert fast.stats.slm_forwards <= greedy.stats.slm_forwards + len(prompts) < greedy.stats.slm_forwards + fast.stats.triggers
+    assert (
+        fast.stats.slm_forwards
+        <= greedy.stats.slm_forwards + len(prompts)
+        < greedy.stats.slm_forwards + fast.stats.triggers
+    )
 
 
 def test_batched_local_scores_only_the_rows_that_fire(tiny_pair, entropy_threshold):
@@ -54,8 +58,9 @@ def test_batched_local_scores_only_the_rows_that_fire(tiny_pair, entropy_thresho
     prompts = ["What is 2+2?", "Name a fruit.", "Hi", "Count to ten."]
     cfg = DecodeConfig(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24)
     widths = []
-    hook = tiny_pair.slm.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].numel()),
-                                                   with_kwargs=True)
+    hook = tiny_pair.slm.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True
+    )
     try:
         batched = generate(tiny_pair, prompts, cfg, batch_size=4)
     finally:
@@ -95,8 +100,14 @@ def adapted_pair():
 def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_pair, tiny_pair, entropy_threshold):
     prompts = ["What is 2+2?", "Name a fruit.", "Hi"]
     ids = lambda r: [g.token_ids for g in r.generations]
-    cfg = dict(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24,
-               local_mode="decoupled")
+    cfg = dict(
+        policy="s2t-local",
+        trigger="entropy",
+        threshold=entropy_threshold,
+        k=8,
+        max_new_tokens=24,
+        local_mode="decoupled",
+    )
     ref = generate(adapted_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
     fast = generate(adapted_pair, prompts, DecodeConfig(**cfg), batch_size=3)
     assert fast.path == "local-tree-decoupled" and ref.path == "local-reference-decoupled"

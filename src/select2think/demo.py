@@ -22,7 +22,6 @@ from .local.trigger_head import load_learned_trigger
 from .models.cache import cache_root
 from .models.pair import ModelPair
 
-
 LOCAL_DEMO_MODE = "coupled"
 
 
@@ -39,18 +38,25 @@ class DemoRow:
 
 def demo_threshold(pair: ModelPair, quantile: float, n_calib: int, max_new_tokens: int, console: Console) -> float:
     safe = lambda s: s.replace("/", "_")
-    path = cache_root() / "calibrations" / f"{safe(pair.slm_name)}__{safe(pair.llm_name)}__kl_q{quantile}_n{n_calib}.json"
+    path = (
+        cache_root() / "calibrations" / f"{safe(pair.slm_name)}__{safe(pair.llm_name)}__kl_q{quantile}_n{n_calib}.json"
+    )
     if not path.is_file():
         console.print(f"calibrating the kl trigger on {n_calib} gsm_symbolic:calib problems (once; cached at {path})")
         calib = load_gsm_symbolic("calib", limit=n_calib)
         prompts = [math_prompt(i.question) for i in calib.items]
-        calibrate(pair, prompts, "kl", quantile, dataset="gsm_symbolic:calib",
-                  max_new_tokens=max_new_tokens).save(path)
+        calibrate(pair, prompts, "kl", quantile, dataset="gsm_symbolic:calib", max_new_tokens=max_new_tokens).save(path)
     return load_threshold(path, "kl", pair.slm_name, pair.llm_name)
 
 
-def run_demo(pair: ModelPair, n: int = 5, max_new_tokens: int = 512, quantile: float = 0.99,
-             n_calib: int = 8, console: Console | None = None) -> list[DemoRow]:
+def run_demo(
+    pair: ModelPair,
+    n: int = 5,
+    max_new_tokens: int = 512,
+    quantile: float = 0.99,
+    n_calib: int = 8,
+    console: Console | None = None,
+) -> list[DemoRow]:
     console = console or Console()
     items = load_dataset("gsm8k").take(n)
     prompts = [math_prompt(i.question) for i in items]
@@ -58,8 +64,10 @@ def run_demo(pair: ModelPair, n: int = 5, max_new_tokens: int = 512, quantile: f
     configs = [
         ("greedy (SLM)", DecodeConfig(policy="greedy", max_new_tokens=max_new_tokens)),
         ("llm (LLM alone)", DecodeConfig(policy="llm", max_new_tokens=max_new_tokens)),
-        (f"s2t (kl q={quantile}, K=8)", DecodeConfig(policy="s2t", trigger="kl", threshold=threshold, k=8,
-                                                     max_new_tokens=max_new_tokens)),
+        (
+            f"s2t (kl q={quantile}, K=8)",
+            DecodeConfig(policy="s2t", trigger="kl", threshold=threshold, k=8, max_new_tokens=max_new_tokens),
+        ),
     ]
     rows = []
 
@@ -77,15 +85,30 @@ def run_demo(pair: ModelPair, n: int = 5, max_new_tokens: int = 512, quantile: f
         trigger_file = bundled_trigger(bundle)
         threshold = load_threshold(trigger_file, "learned", pair.slm_name, None)
         apply_selector(pair, bundle, mode=LOCAL_DEMO_MODE)
-        run(f"s2t-local (shipped selector, learned trigger, {LOCAL_DEMO_MODE}; no LLM)",
-            DecodeConfig(policy="s2t-local", trigger="learned", threshold=threshold, k=8, max_new_tokens=max_new_tokens,
-                         local_mode=LOCAL_DEMO_MODE), load_learned_trigger(trigger_file))
+        run(
+            f"s2t-local (shipped selector, learned trigger, {LOCAL_DEMO_MODE}; no LLM)",
+            DecodeConfig(
+                policy="s2t-local",
+                trigger="learned",
+                threshold=threshold,
+                k=8,
+                max_new_tokens=max_new_tokens,
+                local_mode=LOCAL_DEMO_MODE,
+            ),
+            load_learned_trigger(trigger_file),
+        )
     table = Table(title=f"{pair.slm_name} vs {pair.llm_name}: GSM8K test[0:{n}], max_new_tokens={max_new_tokens}")
     for col in ("policy", "correct", "tokens", "LLM forwards/token", "trigger rate", "time vs greedy"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     base = rows[0].wall_s or 1.0
     for r in rows:
-        table.add_row(r.policy, f"{r.correct}/{r.total}", str(r.tokens), f"{r.llm_forwards / max(r.tokens, 1):.3f}",
-                      f"{r.trigger_rate:.1%}", f"{r.wall_s / base:.2f}x")
+        table.add_row(
+            r.policy,
+            f"{r.correct}/{r.total}",
+            str(r.tokens),
+            f"{r.llm_forwards / max(r.tokens, 1):.3f}",
+            f"{r.trigger_rate:.1%}",
+            f"{r.wall_s / base:.2f}x",
+        )
     console.print(table)
     return rows

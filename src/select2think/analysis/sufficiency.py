@@ -101,8 +101,9 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
             task = bar.add_task("analyze", total=len(items), completed=len(items) - len(todo))
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start : start + cfg.batch_size]
-                recs = analyze_problems(pair, prompts[start : start + cfg.batch_size], cfg.trajectory,
-                                        cfg.max_new_tokens)
+                recs = analyze_problems(
+                    pair, prompts[start : start + cfg.batch_size], cfg.trajectory, cfg.max_new_tokens
+                )
                 for it, rec in zip(chunk, recs):
                     f.write(json.dumps({"item": it.id, **rec}) + "\n")
                 f.flush()
@@ -115,8 +116,10 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
     rows = read_lines(out / "steps.jsonl")
     if not rows:
         raise S2TError(f"no analysed steps in {out}")
-    cols = {k: np.concatenate([np.asarray(r[k][cfg.warmup:], dtype=float) for r in rows])
-            for k in ("kl_sl", "llm_rank", "slm_argmax", "llm_argmax")}
+    cols = {
+        k: np.concatenate([np.asarray(r[k][cfg.warmup :], dtype=float) for r in rows])
+        for k in ("kl_sl", "llm_rank", "slm_argmax", "llm_argmax")
+    }
     rank = cols["llm_rank"]
     kl = cols["kl_sl"]
     definitions = {
@@ -125,15 +128,26 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
         "argmax_mismatch": cols["slm_argmax"] != cols["llm_argmax"],
         "all_steps": np.ones_like(kl, dtype=bool),
     }
-    summary = {"slm": cfg.slm, "llm": cfg.llm, "dataset": cfg.dataset, "trajectory": cfg.trajectory,
-               "problems": len(rows), "steps": int(kl.size), "warmup_excluded": cfg.warmup,
-               "note": "KL quantiles are taken over the analysed steps themselves (descriptive, not a tuned threshold)",
-               "definitions": {}}
+    summary = {
+        "slm": cfg.slm,
+        "llm": cfg.llm,
+        "dataset": cfg.dataset,
+        "trajectory": cfg.trajectory,
+        "problems": len(rows),
+        "steps": int(kl.size),
+        "warmup_excluded": cfg.warmup,
+        "note": "KL quantiles are taken over the analysed steps themselves (descriptive, not a tuned threshold)",
+        "definitions": {},
+    }
     for name, mask in definitions.items():
         r = rank[mask]
         hits = {k: float(np.mean((r >= 0) & (r < k))) if r.size else None for k in range(1, TOP + 1)}
-        summary["definitions"][name] = {"divergence_rate": float(mask.mean()), "steps": int(mask.sum()),
-                                        "hit_at_k": {k: hits[k] for k in KS}, "hit_curve": hits}
+        summary["definitions"][name] = {
+            "divergence_rate": float(mask.mean()),
+            "steps": int(mask.sum()),
+            "hit_at_k": {k: hits[k] for k in KS},
+            "hit_curve": hits,
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(out / "hit_at_k.csv", "w") as f:
         names = list(definitions)
@@ -145,13 +159,19 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"{summary['dataset']}: {summary['problems']} problems, {summary['steps']} steps "
-             f"({summary['trajectory']} trajectory), SLM {summary['slm']}, LLM {summary['llm']}", "",
-             "| divergence | rate | steps | " + " | ".join(f"Hit@{k}" for k in KS) + " |",
-             "|---|---|---|" + "---|" * len(KS)]
+    lines = [
+        f"{summary['dataset']}: {summary['problems']} problems, {summary['steps']} steps "
+        f"({summary['trajectory']} trajectory), SLM {summary['slm']}, LLM {summary['llm']}",
+        "",
+        "| divergence | rate | steps | " + " | ".join(f"Hit@{k}" for k in KS) + " |",
+        "|---|---|---|" + "---|" * len(KS),
+    ]
     for name, d in summary["definitions"].items():
-        lines.append(f"| {name} | {d['divergence_rate']:.2%} | {d['steps']} | "
-                     + " | ".join("-" if d["hit_at_k"][k] is None else f"{d['hit_at_k'][k]:.1%}" for k in KS) + " |")
+        lines.append(
+            f"| {name} | {d['divergence_rate']:.2%} | {d['steps']} | "
+            + " | ".join("-" if d["hit_at_k"][k] is None else f"{d['hit_at_k'][k]:.1%}" for k in KS)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

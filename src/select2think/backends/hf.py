@@ -38,8 +38,9 @@ class HFBackend:
         return self.slot_mask.shape[1]
 
     @torch.no_grad()
-    def extend(self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True,
-               last_only: bool = False) -> torch.Tensor | None:
+    def extend(
+        self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True, last_only: bool = False
+    ) -> torch.Tensor | None:
         """Append tokens [B, k] (dead where `live` is False); return float32 logits [B, k, vocab].
 
         Logits are cut to the tokenizer's vocabulary and banned ids set to -inf. `logits=False` only
@@ -120,8 +121,14 @@ class HFBackend:
             tokens, live = tokens[held], live[held]
         B, K = tokens.shape
         positions = self.lengths[:, None].expand(B, K)
-        out = self.model(input_ids=tokens, attention_mask=self._tree_mask(self.slot_mask, K), position_ids=positions,
-                         cache=self.cache, use_cache=True, output_hidden_states=self.want_hidden)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=self._tree_mask(self.slot_mask, K),
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            output_hidden_states=self.want_hidden,
+        )
         self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
         self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
         self._count(live)
@@ -151,9 +158,13 @@ class HFBackend:
         try:
             for layer, (k, v) in zip(layers, saved):
                 layer.keys, layer.values = k[sub], v[sub]  # updates concatenate: the originals stay intact
-            out = self.model(input_ids=tokens.to(self.device), attention_mask=self._tree_mask(self.slot_mask[sub], K),
-                             position_ids=self.lengths[sub][:, None].expand(len(rows), K), cache=self.cache,
-                             use_cache=True)
+            out = self.model(
+                input_ids=tokens.to(self.device),
+                attention_mask=self._tree_mask(self.slot_mask[sub], K),
+                position_ids=self.lengths[sub][:, None].expand(len(rows), K),
+                cache=self.cache,
+                use_cache=True,
+            )
         finally:
             for layer, (k, v) in zip(layers, saved):
                 layer.keys, layer.values = k, v

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import S2TError
 from ..models.pair import ModelPair
@@ -24,8 +24,12 @@ class GenerateResult:
     path: str = ""  # which execution path ran
 
     def to_dict(self) -> dict:
-        return {"texts": self.texts, "path": self.path, "stats": self.stats.to_dict(),
-                "generations": [g.to_dict() for g in self.generations]}
+        return {
+            "texts": self.texts,
+            "path": self.path,
+            "stats": self.stats.to_dict(),
+            "generations": [g.to_dict() for g in self.generations],
+        }
 
 
 def eos_ids(pair: ModelPair, extra=()) -> set[int]:
@@ -49,8 +53,9 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
         if not isinstance(p, str) or not p.strip():
             raise S2TError("empty prompt: every prompt must contain text")
         if chat_template and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         else:
@@ -61,15 +66,25 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
 
 def path_for(cfg: DecodeConfig, policy: Policy) -> str:
     if cfg.policy == "s2t-local":
-        return ("local-tree" if cfg.fast else "local-reference") + ("-decoupled" if cfg.local_mode == "decoupled" else "")
+        return ("local-tree" if cfg.fast else "local-reference") + (
+            "-decoupled" if cfg.local_mode == "decoupled" else ""
+        )
     if not cfg.fast or cfg.policy in ("greedy", "sample", "llm"):
         return "reference"
     return "draft-verify" if policy.trigger.needs_llm else "lazy-llm"
 
 
-def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | None = None,
-             batch_size: int = 8, row_seeds: list | None = None, prompt_ids: list[list[int]] | None = None,
-             on_commit=None, trigger=None, **overrides) -> GenerateResult:
+def generate(
+    pair: ModelPair,
+    prompts: list[str] | str,
+    config: DecodeConfig | None = None,
+    batch_size: int = 8,
+    row_seeds: list | None = None,
+    prompt_ids: list[list[int]] | None = None,
+    on_commit=None,
+    trigger=None,
+    **overrides,
+) -> GenerateResult:
     """Decode `prompts` with the configured policy. Batched output equals unbatched output."""
     cfg = config or DecodeConfig(**overrides)
     if isinstance(prompts, str):
@@ -99,9 +114,21 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
                 g = r.gen
                 g.llm_forwards, g.llm_tokens, g.slm_forwards, g.slm_tokens = g.slm_forwards, g.slm_tokens, 0, 0
         elif cfg.policy == "s2t-local":
-            rows, st = decode_local(pair.slm, pair.vocab_size, pair.banned_ids, require_reserved(pair), chunk,
-                                    policy, make_row, chunk_seeds, pad_id, k=cfg.k, fast=cfg.fast,
-                                    mode=cfg.local_mode, prior_weight=pair.selector_prior)
+            rows, st = decode_local(
+                pair.slm,
+                pair.vocab_size,
+                pair.banned_ids,
+                require_reserved(pair),
+                chunk,
+                policy,
+                make_row,
+                chunk_seeds,
+                pad_id,
+                k=cfg.k,
+                fast=cfg.fast,
+                mode=cfg.local_mode,
+                prior_weight=pair.selector_prior,
+            )
         elif path == "reference":
             rows, st = decode_reference(pair.slm, pair.llm if policy.needs_llm else None, *common)
         elif path == "draft-verify":
@@ -109,7 +136,17 @@ def generate(pair: ModelPair, prompts: list[str] | str, config: DecodeConfig | N
         else:
             rows, st = decode_lazy(pair.slm, pair.llm, *common)
         gens.extend(r.finish() for r in rows)
-        for f in ("slm_forwards", "llm_forwards", "slm_tokens", "llm_tokens", "generated_tokens", "triggers",
-                  "flips", "hits", "hit_checked", "wall_time_s"):
+        for f in (
+            "slm_forwards",
+            "llm_forwards",
+            "slm_tokens",
+            "llm_tokens",
+            "generated_tokens",
+            "triggers",
+            "flips",
+            "hits",
+            "hit_checked",
+            "wall_time_s",
+        ):
             setattr(total, f, getattr(total, f) + getattr(st, f))
     return GenerateResult([g.text for g in gens], gens, total, cfg, path)

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import S2TError
 from ..models.pair import ModelPair
@@ -50,17 +49,28 @@ def check_quantile(q: float) -> None:
         raise S2TError(f"quantile must be strictly between 0 and 1, got {q}")
 
 
-def step_statistics(pair: ModelPair, prompts: list[str], trigger_name: str, reverse_kl: bool = False,
-                    warmup: int = 3, max_new_tokens: int = 512, batch_size: int = 8,
-                    chat_template: bool = True) -> np.ndarray:
+def step_statistics(
+    pair: ModelPair,
+    prompts: list[str],
+    trigger_name: str,
+    reverse_kl: bool = False,
+    warmup: int = 3,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    chat_template: bool = True,
+) -> np.ndarray:
     """Per-step trigger statistic along greedy SLM trajectories (warm-up steps excluded)."""
     trigger = make_trigger(trigger_name, reverse_kl)
     if trigger.needs_llm:
         pair.require_llm()
     prompt_ids = encode_prompts(pair.tokenizer, prompts, chat_template)
-    greedy = generate(pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=max_new_tokens,
-                                                  chat_template=chat_template),
-                      batch_size=batch_size, prompt_ids=prompt_ids)
+    greedy = generate(
+        pair,
+        prompts,
+        DecodeConfig(policy="greedy", max_new_tokens=max_new_tokens, chat_template=chat_template),
+        batch_size=batch_size,
+        prompt_ids=prompt_ids,
+    )
     stats = []
     for p_ids, gen in zip(prompt_ids, greedy.generations):
         g = gen.token_ids
@@ -76,17 +86,37 @@ def step_statistics(pair: ModelPair, prompts: list[str], trigger_name: str, reve
     return np.concatenate(stats)
 
 
-def calibrate(pair: ModelPair, prompts: list[str], trigger: str, quantile: float, dataset: str = "",
-              reverse_kl: bool = False, warmup: int = 3, max_new_tokens: int = 512, batch_size: int = 8) -> Calibration:
+def calibrate(
+    pair: ModelPair,
+    prompts: list[str],
+    trigger: str,
+    quantile: float,
+    dataset: str = "",
+    reverse_kl: bool = False,
+    warmup: int = 3,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+) -> Calibration:
     check_quantile(quantile)
     if trigger in ("never", "always"):
         raise S2TError(f"trigger {trigger!r} has no threshold to calibrate")
     values = step_statistics(pair, prompts, trigger, reverse_kl, warmup, max_new_tokens, batch_size)
     values = values[np.isfinite(values)]
     threshold = float(np.quantile(values, quantile)) if trigger != "random" else float(quantile)
-    return Calibration(trigger, quantile, threshold, pair.slm_name, pair.llm_name if trigger == "kl" else "",
-                       reverse_kl, warmup, dataset, len(prompts), int(values.size), max_new_tokens,
-                       time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return Calibration(
+        trigger,
+        quantile,
+        threshold,
+        pair.slm_name,
+        pair.llm_name if trigger == "kl" else "",
+        reverse_kl,
+        warmup,
+        dataset,
+        len(prompts),
+        int(values.size),
+        max_new_tokens,
+        time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
 
 
 def load_threshold(path: str | Path, trigger: str, slm: str, llm: str | None, reverse_kl: bool = False) -> float:

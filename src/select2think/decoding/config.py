@@ -8,8 +8,14 @@ from ..errors import S2TError
 
 LOCAL_MODES = ("coupled", "decoupled")  # s2t-local: adapter generates and scores | adapter only scores
 POLICIES = ("greedy", "sample", "llm", "takeover", "s2t", "s2t-local")
-DEFAULT_TRIGGER = {"greedy": "never", "sample": "never", "llm": "never", "takeover": "kl", "s2t": "kl",
-                   "s2t-local": "entropy"}
+DEFAULT_TRIGGER = {
+    "greedy": "never",
+    "sample": "never",
+    "llm": "never",
+    "takeover": "kl",
+    "s2t": "kl",
+    "s2t-local": "entropy",
+}
 
 
 @dataclass
@@ -48,8 +54,14 @@ class DecodeConfig:
             raise S2TError("the learned trigger is for s2t-local")
         if self.policy == "s2t-local" and self.trigger == "kl":
             raise S2TError("s2t-local never runs the LLM: use an SLM-only trigger (entropy, margin, random, always)")
-        if self.policy in ("takeover", "s2t", "s2t-local") and self.trigger not in ("never", "always") and self.threshold is None:
-            raise S2TError(f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold")
+        if (
+            self.policy in ("takeover", "s2t", "s2t-local")
+            and self.trigger not in ("never", "always")
+            and self.threshold is None
+        ):
+            raise S2TError(
+                f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold"
+            )
         if self.local_mode not in LOCAL_MODES:
             raise S2TError(f"unknown S2T-Local mode {self.local_mode!r}: use coupled or decoupled")
         self.stop = tuple(self.stop)

@@ -77,13 +77,28 @@ def _retire(finished: list[int], slm: HFBackend, llm: _LazyLLM) -> None:
 
 
 def _stats(slm: HFBackend, llm: _LazyLLM, rows, t0) -> DecodeStats:
-    stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens,
-                        llm_forwards=llm.backend.forwards, llm_tokens=llm.backend.tokens)
+    stats = DecodeStats(
+        slm_forwards=slm.forwards,
+        slm_tokens=slm.tokens,
+        llm_forwards=llm.backend.forwards,
+        llm_tokens=llm.backend.tokens,
+    )
     return totals(rows, stats, t0, slm, llm.backend)
 
 
-def decode_draft_verify(slm_model, llm_model, tokenizer, vocab_size, banned, prompts, policy: Policy,
-                        make_row, row_seeds, pad_id, draft_len: int) -> tuple[list[RowState], DecodeStats]:
+def decode_draft_verify(
+    slm_model,
+    llm_model,
+    tokenizer,
+    vocab_size,
+    banned,
+    prompts,
+    policy: Policy,
+    make_row,
+    row_seeds,
+    pad_id,
+    draft_len: int,
+) -> tuple[list[RowState], DecodeStats]:
     t0 = time.perf_counter()
     B = len(prompts)
     slm = HFBackend(slm_model, vocab_size, banned)
@@ -109,7 +124,9 @@ def decode_draft_verify(slm_model, llm_model, tokenizer, vocab_size, banned, pro
         s_lps: list[list[torch.Tensor]] = [[] for _ in range(B)]
         base_slot = slm.num_slots
         for i in range(n):
-            drafting = [r for r in drafting if i < rows[r].remaining and (not drafts[r] or drafts[r][-1] not in rows[r].eos_ids)]
+            drafting = [
+                r for r in drafting if i < rows[r].remaining and (not drafts[r] or drafts[r][-1] not in rows[r].eos_ids)
+            ]
             if not drafting:
                 break
             idx = torch.tensor(drafting, device=s_logits.device)
@@ -158,8 +175,9 @@ def decode_draft_verify(slm_model, llm_model, tokenizer, vocab_size, banned, pro
     return rows, _stats(slm, llm, rows, t0)
 
 
-def decode_lazy(slm_model, llm_model, tokenizer, vocab_size, banned, prompts, policy: Policy,
-                make_row, row_seeds, pad_id) -> tuple[list[RowState], DecodeStats]:
+def decode_lazy(
+    slm_model, llm_model, tokenizer, vocab_size, banned, prompts, policy: Policy, make_row, row_seeds, pad_id
+) -> tuple[list[RowState], DecodeStats]:
     t0 = time.perf_counter()
     B = len(prompts)
     slm = HFBackend(slm_model, vocab_size, banned)

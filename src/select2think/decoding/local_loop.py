@@ -32,8 +32,9 @@ class AdapterOff:
 
     def __init__(self, peft_model):
         if not hasattr(peft_model, "disable_adapter"):
-            raise S2TError("decoupled S2T-Local needs the selector loaded unmerged: "
-                           "apply_selector(pair, path, mode='decoupled')")
+            raise S2TError(
+                "decoupled S2T-Local needs the selector loaded unmerged: apply_selector(pair, path, mode='decoupled')"
+            )
         self.peft = peft_model
         self.config = peft_model.config
 
@@ -82,9 +83,21 @@ class _LaggingScorer:
         self.pending[row].append(token)
 
 
-def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, make_row, row_seeds, pad_id,
-                 k: int, fast: bool = True, mode: str = "coupled", prior_weight: float = 0.0
-                 ) -> tuple[list[RowState], DecodeStats]:
+def decode_local(
+    model,
+    vocab_size,
+    banned,
+    reserved,
+    prompts,
+    policy: Policy,
+    make_row,
+    row_seeds,
+    pad_id,
+    k: int,
+    fast: bool = True,
+    mode: str = "coupled",
+    prior_weight: float = 0.0,
+) -> tuple[list[RowState], DecodeStats]:
     """`mode` is one of config.LOCAL_MODES, validated by DecodeConfig; `prior_weight` is the selector's
     (local_scorer.with_prior): the generating model's log-probs of the candidates join their scores."""
     t0 = time.perf_counter()
@@ -101,8 +114,9 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
     history = [list(p) for p in prompts]
     while (view := active_view(rows, s_logits, row_seeds)) is not None:
         active, s_lp = view.active, view.slm_logp
-        fired, _ = policy.fire(s_lp, None, view.steps, view.keys,
-                               hidden=hidden[view.idx] if hidden is not None else None)
+        fired, _ = policy.fire(
+            s_lp, None, view.steps, view.keys, hidden=hidden[view.idx] if hidden is not None else None
+        )
         tokens = policy.base.select(s_lp, None, view.keys).clone()
         cands = s_lp.topk(k, dim=-1).indices
         cand_lp = s_lp.gather(-1, cands)
@@ -147,7 +161,9 @@ def decode_local(model, vocab_size, banned, reserved, prompts, policy: Policy, m
         elif fired.any():
             for j, r in enumerate(active):
                 if fired[j]:
-                    sc = with_prior(naive_scores(model, history[r], cands[j].tolist(), reserved), cand_lp[j], prior_weight)
+                    sc = with_prior(
+                        naive_scores(model, history[r], cands[j].tolist(), reserved), cand_lp[j], prior_weight
+                    )
                     tokens[j] = cands[j, int(sc.argmax())]
         for j, r in enumerate(active):
             history[r].append(int(tokens[j]))

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ..backends import HFBackend
 from .policy import Policy
 from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
 
 
-def decode_reference(proposer, llm, tokenizer, vocab_size, banned, prompts, policy: Policy, make_row,
-                     row_seeds, pad_id) -> tuple[list[RowState], DecodeStats]:
+def decode_reference(
+    proposer, llm, tokenizer, vocab_size, banned, prompts, policy: Policy, make_row, row_seeds, pad_id
+) -> tuple[list[RowState], DecodeStats]:
     """Step-by-step decoding. `proposer` is the SLM (or the LLM for the `llm` policy); `llm` may be None."""
     t0 = time.perf_counter()
     B = len(prompts)

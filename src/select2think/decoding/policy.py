@@ -21,7 +21,7 @@ class Policy:
     k: int
 
     @classmethod
-    def from_config(cls, cfg: DecodeConfig, trigger: Trigger | None = None) -> "Policy":
+    def from_config(cls, cfg: DecodeConfig, trigger: Trigger | None = None) -> Policy:
         base = Sampler(cfg.temperature, cfg.top_p, cfg.seed) if cfg.policy == "sample" else SLMTop1()
         selector = {"s2t": LLMRestrictedArgmax(cfg.k), "takeover": LLMArgmax()}.get(cfg.policy, base)
         trigger = trigger or make_trigger(cfg.trigger, cfg.reverse_kl, cfg.seed)

@@ -62,8 +62,12 @@ class DecodeStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(trigger_rate=self.trigger_rate, flip_rate=self.flip_rate, hit_at_k=self.hit_at_k,
-                 llm_forwards_per_token=self.llm_forwards_per_token)
+        d.update(
+            trigger_rate=self.trigger_rate,
+            flip_rate=self.flip_rate,
+            hit_at_k=self.hit_at_k,
+            llm_forwards_per_token=self.llm_forwards_per_token,
+        )
         return d
 
 
@@ -122,8 +126,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     live = torch.zeros((len(prompts), width), dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        live[i, width - len(p):] = True
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        live[i, width - len(p) :] = True
     return ids, live
 
 

@@ -6,8 +6,9 @@ import torch
 
 
 @torch.no_grad()
-def step_logprobs(model, prompt_ids: list[int], gen_ids: list[int], vocab_size: int,
-                  banned: tuple[int, ...] = ()) -> torch.Tensor:
+def step_logprobs(
+    model, prompt_ids: list[int], gen_ids: list[int], vocab_size: int, banned: tuple[int, ...] = ()
+) -> torch.Tensor:
     """Log-probs [len(gen_ids), vocab_size] the model gives each generated position, in one forward."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + gen_ids], device=device)

@@ -21,7 +21,9 @@ class Trigger:
     needs_llm = False
     needs_hidden = False  # wants the SLM's final hidden state [N, H] as `hidden`
 
-    def statistic(self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None) -> torch.Tensor:
+    def statistic(
+        self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -133,8 +135,14 @@ class LearnedTrigger(Trigger):
         return x @ self.weight.to(dev) + self.bias.to(dev)
 
 
-TRIGGERS = {"never": NeverTrigger, "always": AlwaysTrigger, "kl": KLTrigger, "entropy": EntropyTrigger,
-            "margin": MarginTrigger, "random": RandomTrigger}
+TRIGGERS = {
+    "never": NeverTrigger,
+    "always": AlwaysTrigger,
+    "kl": KLTrigger,
+    "entropy": EntropyTrigger,
+    "margin": MarginTrigger,
+    "random": RandomTrigger,
+}
 
 
 def make_trigger(name: str, reverse_kl: bool = False, seed: int = 0) -> Trigger:

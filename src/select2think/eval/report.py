@@ -34,15 +34,23 @@ def summarise(rows: list[dict], llm_cost: float | None) -> dict:
     lo, hi = wilson(correct, n)
     samples = sum(len(r.get("finish", [1])) for r in rows)
     return {
-        "n": n, "accuracy": correct / n if n else 0.0, "ci95_low": lo, "ci95_high": hi,
+        "n": n,
+        "accuracy": correct / n if n else 0.0,
+        "ci95_low": lo,
+        "ci95_high": hi,
         "tokens_per_trajectory": st("generated_tokens") / max(samples, 1),
-        "slm_forwards_per_token": st("slm_forwards") / gen, "llm_forwards_per_token": st("llm_forwards") / gen,
+        "slm_forwards_per_token": st("slm_forwards") / gen,
+        "llm_forwards_per_token": st("llm_forwards") / gen,
         "llm_tokens_per_item": st("llm_tokens") / max(n, 1),
-        "trigger_rate": st("triggers") / gen, "flip_rate": st("flips") / gen,
+        "trigger_rate": st("triggers") / gen,
+        "flip_rate": st("flips") / gen,
         "wall_s_per_item": st("wall_time_s") / max(n, 1),
         # None where LLM work was done but the run never recorded the LLM's size: unknown, not free
-        "compute_per_item": (None if llm_cost is None and st("llm_tokens") else
-                             (st("slm_tokens") + (llm_cost or 0.0) * st("llm_tokens")) / max(n, 1)),
+        "compute_per_item": (
+            None
+            if llm_cost is None and st("llm_tokens")
+            else (st("slm_tokens") + (llm_cost or 0.0) * st("llm_tokens")) / max(n, 1)
+        ),
     }
 
 
@@ -72,18 +80,34 @@ def build_report(run_dir: str | Path) -> dict:
             table[f"pass@{k} (oracle, not a policy)"] = summarise(oracle, llm_cost)
     greedy = table.get("greedy", {}).get("compute_per_item")
     for row in table.values():
-        row["compute_vs_greedy"] = (row["compute_per_item"] / greedy
-                                    if greedy and row["compute_per_item"] is not None else None)
-    return {"run": str(run), "dataset": cfg["identity"]["dataset"], "slm": cfg["identity"]["slm"],
-            "llm": cfg["identity"]["llm"], "max_new_tokens": cfg["identity"]["max_new_tokens"],
-            "machine": cfg.get("machine"), "llm_cost_per_token": llm_cost, "policies": table}
+        row["compute_vs_greedy"] = (
+            row["compute_per_item"] / greedy if greedy and row["compute_per_item"] is not None else None
+        )
+    return {
+        "run": str(run),
+        "dataset": cfg["identity"]["dataset"],
+        "slm": cfg["identity"]["slm"],
+        "llm": cfg["identity"]["llm"],
+        "max_new_tokens": cfg["identity"]["max_new_tokens"],
+        "machine": cfg.get("machine"),
+        "llm_cost_per_token": llm_cost,
+        "policies": table,
+    }
 
 
-COLUMNS = [("accuracy", "acc", "{:.1%}"), ("ci95_low", "95% CI low", "{:.1%}"), ("ci95_high", "95% CI high", "{:.1%}"),
-           ("tokens_per_trajectory", "tokens", "{:.0f}"), ("slm_forwards_per_token", "SLM fwd/tok", "{:.2f}"),
-           ("llm_forwards_per_token", "LLM fwd/tok", "{:.3f}"), ("llm_tokens_per_item", "LLM tokens/item", "{:.0f}"),
-           ("trigger_rate", "trigger", "{:.2%}"), ("flip_rate", "flip", "{:.2%}"),
-           ("wall_s_per_item", "s/item", "{:.1f}"), ("compute_vs_greedy", "compute vs greedy", "{:.2f}x")]
+COLUMNS = [
+    ("accuracy", "acc", "{:.1%}"),
+    ("ci95_low", "95% CI low", "{:.1%}"),
+    ("ci95_high", "95% CI high", "{:.1%}"),
+    ("tokens_per_trajectory", "tokens", "{:.0f}"),
+    ("slm_forwards_per_token", "SLM fwd/tok", "{:.2f}"),
+    ("llm_forwards_per_token", "LLM fwd/tok", "{:.3f}"),
+    ("llm_tokens_per_item", "LLM tokens/item", "{:.0f}"),
+    ("trigger_rate", "trigger", "{:.2%}"),
+    ("flip_rate", "flip", "{:.2%}"),
+    ("wall_s_per_item", "s/item", "{:.1f}"),
+    ("compute_vs_greedy", "compute vs greedy", "{:.2f}x"),
+]
 
 
 def fmt(fmt_str: str, v) -> str:
@@ -99,9 +123,13 @@ def write_report(run_dir: str | Path) -> str:
         w.writerow(["policy", "n"] + [c[0] for c in COLUMNS])
         for name, row in rep["policies"].items():
             w.writerow([name, row["n"]] + [row.get(c[0]) for c in COLUMNS])
-    lines = [f"{rep['dataset']}: SLM {rep['slm']}, LLM {rep['llm']}, max_new_tokens {rep['max_new_tokens']} "
-             f"({rep['machine']})", "", "| policy | n | " + " | ".join(c[1] for c in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+    lines = [
+        f"{rep['dataset']}: SLM {rep['slm']}, LLM {rep['llm']}, max_new_tokens {rep['max_new_tokens']} "
+        f"({rep['machine']})",
+        "",
+        "| policy | n | " + " | ".join(c[1] for c in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
     for name, row in rep["policies"].items():
         lines.append(f"| {name} | {row['n']} | " + " | ".join(fmt(c[2], row.get(c[0])) for c in COLUMNS) + " |")
     md = "\n".join(lines) + "\n"
@@ -123,8 +151,13 @@ def _plot(rep: dict, path: Path) -> None:
         x = row["compute_vs_greedy"] if row["compute_vs_greedy"] is not None else row["compute_per_item"]
         if x is None:  # unknown compute: no point to place
             continue
-        ax.errorbar([x], [row["accuracy"]], yerr=[[row["accuracy"] - row["ci95_low"]], [row["ci95_high"] - row["accuracy"]]],
-                    fmt="o", capsize=3)
+        ax.errorbar(
+            [x],
+            [row["accuracy"]],
+            yerr=[[row["accuracy"] - row["ci95_low"]], [row["ci95_high"] - row["accuracy"]]],
+            fmt="o",
+            capsize=3,
+        )
         ax.annotate(name, (x, row["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("compute per item (x greedy SLM)")

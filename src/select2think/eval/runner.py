@@ -172,34 +172,65 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
         raise S2TError(f"{out} holds a run with a different configuration; use another --out")
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     labels = [s.label for s in specs]
-    meta = {"identity": cfg.identity(), "policies": sorted(set(old.get("policies", [])) | set(labels)),
-            "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-            "started": old.get("started", now), "models": dict(old.get("models", {})),
-            "invocations": old.get("invocations", []) + [{"at": now, "policies": labels,
-                                                          "batch_size": cfg.batch_size,
-                                                          "inputs": {s.label: _fingerprint(s) for s in specs
-                                                                     if s.threshold_file or s.adapter}}]}
+    meta = {
+        "identity": cfg.identity(),
+        "policies": sorted(set(old.get("policies", [])) | set(labels)),
+        "versions": _versions(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "started": old.get("started", now),
+        "models": dict(old.get("models", {})),
+        "invocations": old.get("invocations", [])
+        + [
+            {
+                "at": now,
+                "policies": labels,
+                "batch_size": cfg.batch_size,
+                "inputs": {s.label: _fingerprint(s) for s in specs if s.threshold_file or s.adapter},
+            }
+        ],
+    }
     for role, model in (("slm", pair.slm), ("llm", pair.llm)):
         if model is None:
             continue
         src = pair.sources.get(role)
-        meta["models"][role] = {"name": getattr(src, "name", ""), "sha256": getattr(src, "sha256", None),
-                                "params": sum(p.numel() for p in model.parameters())}
+        meta["models"][role] = {
+            "name": getattr(src, "name", ""),
+            "sha256": getattr(src, "sha256", None),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(path)
 
 
-COST_KEYS = ("generated_tokens", "slm_forwards", "llm_forwards", "slm_tokens", "llm_tokens", "triggers", "flips",
-             "hits", "hit_checked")
+COST_KEYS = (
+    "generated_tokens",
+    "slm_forwards",
+    "llm_forwards",
+    "slm_tokens",
+    "llm_tokens",
+    "triggers",
+    "flips",
+    "hits",
+    "hit_checked",
+)
 
 
-def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None,
-                        trigger=None) -> list[dict]:
+def run_policy_on_items(
+    pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None, trigger=None
+) -> list[dict]:
     """Decode a batch of items (spec.samples rows each) and grade them; one result dict per item."""
-    dcfg = DecodeConfig(policy=spec.policy, k=cfg.k, trigger=spec.trigger,
-                        threshold=threshold, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, seed=cfg.seed, local_mode=spec.local_mode)
+    dcfg = DecodeConfig(
+        policy=spec.policy,
+        k=cfg.k,
+        trigger=spec.trigger,
+        threshold=threshold,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        local_mode=spec.local_mode,
+    )
     prompts = [math_prompt(it.question) for it in items for _ in range(spec.samples)]
     seeds = [(item_seed(cfg.seed, it.id), j) for it in items for j in range(spec.samples)]
     res = generate(pair, prompts, dcfg, batch_size=len(prompts), row_seeds=seeds, trigger=trigger)
@@ -212,12 +243,22 @@ def run_policy_on_items(pair, spec: PolicySpec, cfg: EvalConfig, items, threshol
             extra = {"answers": answers, "pass_at_k": pass_at_k(answers, it.answer)}
         else:
             pred, extra = answers[0], {"text": gens[0].text}
-        stats = {k: sum(getattr(g, k) if k != "generated_tokens" else len(g.token_ids) for g in gens)
-                 for k in COST_KEYS}
+        stats = {
+            k: sum(getattr(g, k) if k != "generated_tokens" else len(g.token_ids) for g in gens) for k in COST_KEYS
+        }
         stats["wall_time_s"] = res.stats.wall_time_s * spec.samples / len(prompts)
-        out.append({"item": it.id, "policy": spec.label, "gold": it.answer, "prediction": pred,
-                    "correct": is_correct(pred, it.answer), "finish": [g.finish_reason for g in gens],
-                    "stats": stats, **extra})
+        out.append(
+            {
+                "item": it.id,
+                "policy": spec.label,
+                "gold": it.answer,
+                "prediction": pred,
+                "correct": is_correct(pred, it.answer),
+                "finish": [g.finish_reason for g in gens],
+                "stats": stats,
+                **extra,
+            }
+        )
     return out
 
 
@@ -241,7 +282,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         raise S2TError("these policies need --llm")
     pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device)
     _write_config(cfg, out, pair, specs)
-    thresholds = {s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file}
+    thresholds = {
+        s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file
+    }
     pairs = {s.label: pair for s in specs}
     heads = {}
     for s in specs:
@@ -253,21 +296,26 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
             from ..local.train import apply_selector
 
-            pairs[s.label] = apply_selector(load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device), s.adapter,
-                                            mode=s.local_mode)
+            pairs[s.label] = apply_selector(
+                load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device), s.adapter, mode=s.local_mode
+            )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
-        task = bar.add_task(f"eval {cfg.dataset}", total=len(items) * len(specs), completed=len(items) * len(specs) - len(todo))
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress
+    ) as bar:
+        task = bar.add_task(
+            f"eval {cfg.dataset}", total=len(items) * len(specs), completed=len(items) * len(specs) - len(todo)
+        )
         with open(results, "a") as f:
             for spec in specs:
                 pending = [it for it, s in todo if s is spec]
                 per_batch = max(1, cfg.batch_size // spec.samples)
                 for start in range(0, len(pending), per_batch):
                     chunk = pending[start : start + per_batch]
-                    for row in run_policy_on_items(pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label),
-                                                   heads.get(spec.label)):
+                    for row in run_policy_on_items(
+                        pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label), heads.get(spec.label)
+                    ):
                         f.write(json.dumps(row) + "\n")
                     f.flush()
                     os.fsync(f.fileno())

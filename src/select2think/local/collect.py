@@ -65,12 +65,25 @@ def groups_for(pair, prompt_ids: list[int], gen: list[int], threshold: float, k:
     groups = []
     for t in fired.nonzero().flatten().tolist():
         cands = top_i[t].tolist()
-        groups.append({"step": t, "context": ids[: len(prompt_ids) + t][-CONTEXT:], "candidates": cands,
-                       "llm_probs": l_lp[t, top_i[t]].exp().tolist(), "slm_probs": top_p[t].exp().tolist()})
-    feats = torch.cat([EntropyTrigger().statistic(s_lp)[:, None], (1 - MarginTrigger().statistic(s_lp))[:, None],
-                       top_p[:, :8].exp()], dim=1)
-    return groups, {"stat": stat.cpu().numpy(), "label": fired.cpu().numpy(),
-                    "features": feats.cpu().numpy().astype(np.float32), "hidden": h.cpu().numpy().astype(np.float16)}
+        groups.append(
+            {
+                "step": t,
+                "context": ids[: len(prompt_ids) + t][-CONTEXT:],
+                "candidates": cands,
+                "llm_probs": l_lp[t, top_i[t]].exp().tolist(),
+                "slm_probs": top_p[t].exp().tolist(),
+            }
+        )
+    feats = torch.cat(
+        [EntropyTrigger().statistic(s_lp)[:, None], (1 - MarginTrigger().statistic(s_lp))[:, None], top_p[:, :8].exp()],
+        dim=1,
+    )
+    return groups, {
+        "stat": stat.cpu().numpy(),
+        "label": fired.cpu().numpy(),
+        "features": feats.cpu().numpy().astype(np.float32),
+        "hidden": h.cpu().numpy().astype(np.float16),
+    }
 
 
 def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
@@ -91,8 +104,9 @@ def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
         return out
     pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device)
     threshold = load_threshold(cfg.threshold_file, "kl", cfg.slm, cfg.llm)
-    dcfg = DecodeConfig(policy="s2t", trigger="kl", threshold=threshold, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                        warmup=cfg.warmup)
+    dcfg = DecodeConfig(
+        policy="s2t", trigger="kl", threshold=threshold, k=cfg.k, max_new_tokens=cfg.max_new_tokens, warmup=cfg.warmup
+    )
     with Progress(disable=not progress) as bar, open(path, "a") as f:
         task = bar.add_task("collect", total=len(items))
         for start in range(0, len(items), cfg.batch_size):

@@ -43,7 +43,7 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
     with Progress(disable=not progress) as bar:
         task = bar.add_task("candidate hidden states", total=len(groups))
         for start in range(0, len(groups), cfg.checkpoint_every):
-            part = groups[start:start + cfg.checkpoint_every]
+            part = groups[start : start + cfg.checkpoint_every]
             keys = [[g["item"], g["step"]] for g in part]
             path = out / f"{start:07d}.pt"
             chunk = torch.load(path) if path.is_file() else None
@@ -78,11 +78,13 @@ def head_metrics(rows, hidden, logp, q, prior_weight) -> dict:
     with torch.no_grad():
         s, head = head_scores(rows, hidden, logp, prior_weight)
     n = max(len(q), 1)
-    return {"agree_at_1": float((s.argmax(-1) == q.argmax(-1)).float().sum()) / n,
-            "slm_top1_agree": float((q.argmax(-1) == 0).float().sum()) / n,
-            "spearman": sum(spearman(a, b) for a, b in zip(s, q)) / n,
-            "tied": float(((head.max(-1).values - head.min(-1).values) < TIED).float().sum()) / n,
-            "n": len(q)}
+    return {
+        "agree_at_1": float((s.argmax(-1) == q.argmax(-1)).float().sum()) / n,
+        "slm_top1_agree": float((q.argmax(-1) == 0).float().sum()) / n,
+        "spearman": sum(spearman(a, b) for a, b in zip(s, q)) / n,
+        "tied": float(((head.max(-1).values - head.min(-1).values) < TIED).float().sum()) / n,
+        "n": len(q),
+    }
 
 
 def train_rows(init: torch.Tensor, hidden, logp, q, tr: torch.Tensor, cfg: TrainConfig):
@@ -104,8 +106,9 @@ def train_rows(init: torch.Tensor, hidden, logp, q, tr: torch.Tensor, cfg: Train
         yield epoch, rows, total / max(len(tr), 1)
 
 
-def fit_head_only(cfg: TrainConfig, pair, groups: list[dict], train: list[dict], val: list[dict],
-                  progress: bool = True) -> dict:
+def fit_head_only(
+    cfg: TrainConfig, pair, groups: list[dict], train: list[dict], val: list[dict], progress: bool = True
+) -> dict:
     """`train` and `val` are sublists of `groups`, whose (file) order the feature cache follows."""
     from safetensors.torch import save_file
 
@@ -122,17 +125,28 @@ def fit_head_only(cfg: TrainConfig, pair, groups: list[dict], train: list[dict],
     history = [{"epoch": 0, "train_loss": None, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}]
     best_epoch, best_rows = 0, rows.clone()
     for epoch, rows, loss in train_rows(rows, hidden, logp, q, tr, cfg):
-        history.append({"epoch": epoch, "train_loss": loss,
-                        **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)})
+        history.append(
+            {"epoch": epoch, "train_loss": loss, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}
+        )
         if cfg.keep == "last" or history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
             best_epoch, best_rows = epoch, rows.detach().clone()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"reserved_ids": torch.tensor(reserved), "weight": best_rows.contiguous()}, out / "reserved_rows.safetensors")
+    save_file(
+        {"reserved_ids": torch.tensor(reserved), "weight": best_rows.contiguous()}, out / "reserved_rows.safetensors"
+    )
     from dataclasses import asdict
 
-    meta = {"slm": cfg.slm, "reserved_ids": reserved, "prior_weight": cfg.prior_weight, "head_only": True,
-            "best_epoch": best_epoch, "config": asdict(cfg), "train_groups": len(train), "val_groups": len(val),
-            "history": history}
+    meta = {
+        "slm": cfg.slm,
+        "reserved_ids": reserved,
+        "prior_weight": cfg.prior_weight,
+        "head_only": True,
+        "best_epoch": best_epoch,
+        "config": asdict(cfg),
+        "train_groups": len(train),
+        "val_groups": len(val),
+        "history": history,
+    }
     (out / "selector.json").write_text(json.dumps(meta, indent=2))
     return {"history": history, "best_epoch": best_epoch, "seconds": time.perf_counter() - t0}

@@ -16,7 +16,6 @@ top-1 is wrong. w = 0 is the paper's head alone, starting from the model's own (
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -90,8 +89,9 @@ def tree_batch(context: list[int], cands: list[int], device, dtype):
     return ids, pos, mask
 
 
-def candidate_logits(model, context: list[int], cands: list[int], layout: str = "tree",
-                     with_prefix: bool = False) -> torch.Tensor:
+def candidate_logits(
+    model, context: list[int], cands: list[int], layout: str = "tree", with_prefix: bool = False
+) -> torch.Tensor:
     """Raw logits [K, V_all] at each candidate's position ([1 + K, V_all] `with_prefix`: row 0 is the
     prefix's own next-token logits, which the candidates came from). Only those positions go through the
     vocabulary projection, and as one 2D matmul: a 3D [1, K, H] input makes `linear` batch the [V, H]
@@ -99,8 +99,9 @@ def candidate_logits(model, context: list[int], cands: list[int], layout: str = 
     return model.get_output_embeddings()(candidate_hidden(model, context, cands, layout, with_prefix)).float()
 
 
-def candidate_hidden(model, context: list[int], cands: list[int], layout: str = "tree",
-                     with_prefix: bool = False) -> torch.Tensor:
+def candidate_hidden(
+    model, context: list[int], cands: list[int], layout: str = "tree", with_prefix: bool = False
+) -> torch.Tensor:
     """Final hidden states [K, H] ([1 + K, H] `with_prefix`) that `candidate_logits` projects."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -109,13 +110,13 @@ def candidate_hidden(model, context: list[int], cands: list[int], layout: str = 
     if layout == "tree":
         ids, pos, mask = tree_batch(context, cands, device, dtype)
         hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
-        return hidden[-K - 1:] if with_prefix else hidden[-K:]
+        return hidden[-K - 1 :] if with_prefix else hidden[-K:]
     batch = torch.tensor([context + [c] for c in cands], device=device)
     out = backbone(input_ids=batch).last_hidden_state
     return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
 
 
-def group_scores(model, group: dict, reserved, vocab_size: int, cfg: "TrainConfig"):
+def group_scores(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
     """(scores [K] as decoding picks by, raw candidate logits [K, V_all], head-only scores [K])."""
     cands = group["candidates"]
     raw = candidate_logits(model, group["context"], cands, cfg.layout, with_prefix=cfg.prior_weight > 0)
@@ -146,7 +147,9 @@ def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
     if cfg.w_base > 0:
         text = raw[:, :vocab_size].log_softmax(-1)
         with torch.no_grad(), model.disable_adapter():
-            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[:, :vocab_size].log_softmax(-1)
+            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[
+                :, :vocab_size
+            ].log_softmax(-1)
         loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
     return loss, scores.detach(), q / q.sum()
 
@@ -191,8 +194,16 @@ def prepare_model(slm_model, reserved, cfg: TrainConfig):
     """Wrap in LoRA; the reserved rows are the only other trainable weights."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(slm_model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=LORA_TARGETS, bias="none"))
+    model = get_peft_model(
+        slm_model,
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=LORA_TARGETS,
+            bias="none",
+        ),
+    )
     rows = ReservedRows(model.get_output_embeddings(), reserved, zero=cfg.prior_weight > 0)
     return model, rows
 
@@ -202,8 +213,10 @@ def save_selector(model, rows: ReservedRows, reserved, out: Path, meta: dict) ->
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, save_embedding_layers=False)
-    save_file({"reserved_ids": torch.tensor(reserved), "weight": rows.weight.detach().float().contiguous()},
-              out / "reserved_rows.safetensors")
+    save_file(
+        {"reserved_ids": torch.tensor(reserved), "weight": rows.weight.detach().float().contiguous()},
+        out / "reserved_rows.safetensors",
+    )
     (out / "selector.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -227,8 +240,13 @@ def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
             rhos.append(spearman(s, q))
     model.train()
     n = max(len(groups), 1)
-    return {"agree_at_1": agree / n, "slm_top1_agree": slm_agree / n, "spearman": sum(rhos) / n,
-            "tied": tied / n, "n": len(groups)}
+    return {
+        "agree_at_1": agree / n,
+        "slm_top1_agree": slm_agree / n,
+        "spearman": sum(rhos) / n,
+        "tied": tied / n,
+        "n": len(groups),
+    }
 
 
 def split_groups(groups: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -260,8 +278,12 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     params = lora + [rows.weight]
-    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
-                             {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
+            {"params": [rows.weight], "lr": cfg.head_lr, "weight_decay": 0.0},
+        ]
+    )
     out = Path(cfg.out)
     state_path = out / "train_state.pt"
     epoch, step, total, history = 0, 0, 0.0, []
@@ -276,15 +298,29 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         epoch, step, total, history = state["epoch"], state.get("step", 0), state.get("total", 0.0), state["history"]
-    meta = {"slm": cfg.slm, "reserved_ids": list(reserved), "prior_weight": cfg.prior_weight,
-            "config": asdict(cfg), "train_groups": len(train),
-            "val_groups": len(val)}
+    meta = {
+        "slm": cfg.slm,
+        "reserved_ids": list(reserved),
+        "prior_weight": cfg.prior_weight,
+        "config": asdict(cfg),
+        "train_groups": len(train),
+        "val_groups": len(val),
+    }
 
     def checkpoint():
         save_selector(model, rows, reserved, out, {**meta, "history": history})
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "total": total, "history": history,
-                    "rng": torch.get_rng_state()}, tmp)
+        torch.save(
+            {
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "total": total,
+                "history": history,
+                "rng": torch.get_rng_state(),
+            },
+            tmp,
+        )
         tmp.replace(state_path)
 
     if not history:  # the untrained head, for reference
@@ -335,8 +371,10 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     if mode not in LOCAL_MODES:
         raise S2TError(f"unknown S2T-Local mode {mode!r}: use coupled or decoupled")
     if head_only and mode == "decoupled":
-        raise S2TError(f"{path} is a head-only selector (no adapter): the base model generates in either mode, "
-                       "so use the coupled mode (the default)")
+        raise S2TError(
+            f"{path} is a head-only selector (no adapter): the base model generates in either mode, "
+            "so use the coupled mode (the default)"
+        )
     model = pair.slm if head_only else PeftModel.from_pretrained(pair.slm, path)
     if mode == "coupled" and not head_only:
         model = model.merge_and_unload()

@@ -35,13 +35,25 @@ def precision_recall(pred: np.ndarray, label: np.ndarray) -> dict:
     return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12), "fired": float(pred.mean())}
 
 
-def train_trigger_head(groups_dir: str | Path, out: str | Path, slm: str, epochs: int = 300, lr: float = 0.05,
-                       l2: float = 1e-3, val_fraction: float = 0.2, seed: int = 0) -> dict:
+def train_trigger_head(
+    groups_dir: str | Path,
+    out: str | Path,
+    slm: str,
+    epochs: int = 300,
+    lr: float = 0.05,
+    l2: float = 1e-3,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
     X, y, owner = load_features(groups_dir)
     if y.sum() == 0:
         raise S2TError("the collected steps hold no kl-triggered step to learn from")
     problems = sorted(set(owner.tolist()))
-    val_ids = set(random.Random(seed).sample(problems, max(1, int(len(problems) * val_fraction)))) if len(problems) > 1 else set()
+    val_ids = (
+        set(random.Random(seed).sample(problems, max(1, int(len(problems) * val_fraction))))
+        if len(problems) > 1
+        else set()
+    )
     val = np.isin(owner, list(val_ids))
     train = ~val if val.any() else np.ones_like(val)
     Xt = torch.tensor(X[train])
@@ -53,7 +65,10 @@ def train_trigger_head(groups_dir: str | Path, out: str | Path, slm: str, epochs
     pos_weight = (len(yt) - yt.sum()) / yt.sum().clamp_min(1)
     opt = torch.optim.Adam([w, b], lr=lr)
     for _ in range(epochs):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(Z @ w + b, yt, pos_weight=pos_weight) + l2 * w.square().sum()
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(Z @ w + b, yt, pos_weight=pos_weight)
+            + l2 * w.square().sum()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -75,8 +90,20 @@ def train_trigger_head(groups_dir: str | Path, out: str | Path, slm: str, epochs
 
     weights = out.with_suffix(".safetensors")
     save_file({"weight": w.detach(), "bias": b.detach(), "mean": mean, "std": std}, weights)
-    out.write_text(json.dumps({"trigger": "learned", "threshold": threshold, "slm": slm, "llm": "",
-                               "head": weights.name, "quantile": 1 - rate, "metrics": metrics}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "trigger": "learned",
+                "threshold": threshold,
+                "slm": slm,
+                "llm": "",
+                "head": weights.name,
+                "quantile": 1 - rate,
+                "metrics": metrics,
+            },
+            indent=2,
+        )
+    )
     return metrics
 
 

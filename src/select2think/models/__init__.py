@@ -3,4 +3,4 @@
 from .pair import ModelPair, load_pair
 from .registry import REGISTRY, resolve
 
-__all__ = ["ModelPair", "load_pair", "REGISTRY", "resolve"]
+__all__ = ["REGISTRY", "ModelPair", "load_pair", "resolve"]

@@ -12,8 +12,8 @@ import importlib.metadata as md
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import S2TError
 from .registry import ModelSource

@@ -71,8 +71,13 @@ def _convert_gguf(source: ModelSource, dtype_name: str):
     with atomic_path(dest, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"source": source.name, "gguf": str(gguf), "gguf_sha256": source.sha256 or sha256_of(gguf),
-                "dtype": dtype_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {
+            "source": source.name,
+            "gguf": str(gguf),
+            "gguf_sha256": source.sha256 or sha256_of(gguf),
+            "dtype": dtype_name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         (tmp / "s2t_source.json").write_text(json.dumps(meta, indent=2))
     return model, tokenizer
 
