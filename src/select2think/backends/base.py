@@ -1,0 +1,109 @@
+"""The interface every engine implements: a batch of rows, each a token sequence with a KV cache.
+
+Decoding speaks in rows and lengths only. How an engine lays its cache out (slot masks, sequence ids,
+a static buffer) is its own business. Logits come back raw: one column per output row of the model
+(`vocab_rows`, padding and reserved rows included); cutting them to the tokenizer and masking banned
+ids is a decoding step (`decoding.vocab`).
+
+Shapes: B = batch rows, n = tokens per row in one call, R = listed rows, K = siblings, V = vocab_rows,
+H = hidden size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import S2TError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can give; a policy that needs more says so in one line (`Backend.require`)."""
+
+    full_logits: bool = True  # logits at every position of an extend (kl trigger, verify, teacher forcing)
+    hidden_states: bool = False  # final hidden states (learned trigger, S2T-Local scores)
+    sibling_scoring: bool = False  # K candidates at one position in one forward
+    adapters: bool = False  # LoRA selectors (transformers + peft only)
+
+
+class Backend(ABC):
+    """One model behind a batched, rollback-able cache. `reset(B)` starts a new batch of B empty rows.
+
+    Counters (read by decoding's cost accounting): `forwards` model calls, `tokens` live tokens processed,
+    and per batch row `row_forwards` / `row_tokens`.
+    """
+
+    name: str = "base"
+    capabilities: Capabilities = Capabilities()
+
+    def __init__(self, vocab_rows: int, hidden_size: int):
+        self.vocab_rows = vocab_rows
+        self.hidden_size = hidden_size
+        self.want_hidden = False  # keep the final hidden states of the next forwards in `last_hidden`
+        self.last_hidden: torch.Tensor | None = None  # [B, n, H] after extend, [R, K, H] after score_siblings
+        self.forwards = 0
+        self.tokens = 0
+        self.row_forwards: list[int] = []
+        self.row_tokens: list[int] = []
+
+    # -- the batch ---------------------------------------------------------------------------------
+    @abstractmethod
+    def reset(self, batch_size: int) -> None:
+        """Drop every row; start `batch_size` empty rows (counters restart too)."""
+
+    @abstractmethod
+    def length(self, row: int) -> int:
+        """Tokens in the row's cache."""
+
+    @abstractmethod
+    def extend(
+        self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True, last_only: bool = False
+    ) -> torch.Tensor | None:
+        """Append each row's live tokens (tokens [B, n] long, live [B, n] bool, live tokens contiguous
+        per row; retired rows must be all dead). Returns float32 raw logits [B, n, V] (positions of dead
+        tokens are zeros nobody reads), [B, 1, V] with `last_only` (the last column: rows whose last
+        token is dead get zeros there), or None with `logits=False` (a catch-up nobody reads)."""
+
+    @abstractmethod
+    def truncate(self, row: int, length: int) -> None:
+        """Roll the row back: its cache keeps its first `length` tokens."""
+
+    @abstractmethod
+    def retire(self, rows: Sequence[int]) -> None:
+        """Finished rows leave the batch; later calls skip them (no-op for rows already gone)."""
+
+    # -- siblings (S2T-Local) -----------------------------------------------------------------------
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+        """Raw logits [R, K, V] of K candidate tokens [R, K] each placed at the next position of its row
+        (each sees the row's prefix and itself). The siblings stay provisional: `keep_siblings` makes one
+        per row the row's next token; any other call first drops them all."""
+        raise S2TError(f"the {self.name} backend cannot score sibling candidates")
+
+    def keep_siblings(self, picks: dict[int, int]) -> None:
+        """Row r keeps sibling `picks[r]` of the last `score_siblings` as its next token (its length grows
+        by one); every other provisional sibling is dropped."""
+        raise S2TError(f"the {self.name} backend cannot score sibling candidates")
+
+    # -- shared helpers -----------------------------------------------------------------------------
+    def require(self, capability: str, what: str) -> None:
+        """One clear line when a policy needs something this engine lacks."""
+        if not getattr(self.capabilities, capability):
+            raise S2TError(f"{what} needs {capability.replace('_', ' ')}, which the {self.name} backend lacks")
+
+    def _reset_counters(self, batch_size: int) -> None:
+        self.forwards = 0
+        self.tokens = 0
+        self.row_forwards = [0] * batch_size
+        self.row_tokens = [0] * batch_size
+
+    def _count(self, rows: Sequence[int], n_tokens: Sequence[int]) -> None:
+        """One model call in which batch rows `rows` put `n_tokens` live tokens through the model."""
+        self.forwards += 1
+        for r, n in zip(rows, n_tokens, strict=True):
+            self.tokens += n
+            self.row_tokens[r] += n
+            self.row_forwards[r] += n > 0
