@@ -212,26 +212,6 @@ def test_a_row_finishing_before_any_trigger_does_not_break_the_batch(tiny_pair, 
     assert fast.generations[0].finish_reason == "eos" and fast.stats.triggers > 0
 
 
-def test_retired_rows_leave_the_cache_and_the_others_decode_unchanged(tiny_pair):
-    from select2think.backends import HFBackend
-    from select2think.decoding.state import left_pad
-
-    prompts = [[1, 504, 2201, 30], [7, 8], [99, 17, 30]]
-    ids, live = left_pad(prompts, 0)
-    kept, whole = HFBackend(tiny_pair.slm, tiny_pair.vocab_size), HFBackend(tiny_pair.slm, tiny_pair.vocab_size)
-    for b in (kept, whole):
-        b.reset(3)
-        b.extend(ids, live)
-    kept.retire([1])
-    assert kept.cache.layers[0].keys.shape[0] == 2 and kept.rows == [0, 2]
-    for step in ([5], [6]):
-        feed = torch.tensor([step * 3]).T
-        a = kept.extend(feed, torch.tensor([[True], [False], [True]]))
-        b = whole.extend(feed, torch.tensor([[True], [False], [True]]))
-        assert torch.allclose(a[[0, 2]], b[[0, 2]], atol=1e-4) and not a[1].any()
-    assert kept.row_tokens == whole.row_tokens == [6, 2, 5]
-
-
 @pytest.mark.parametrize(
     "policy,extra",
     [

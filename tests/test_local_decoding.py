@@ -1,31 +1,31 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from select2think import DecodeConfig, S2TError, generate
-from select2think.backends import HFBackend
 from select2think.decoding.calibrate import step_statistics
-from select2think.decoding.local_scorer import naive_scores, score_from_logits
 
 
-def test_tree_scores_equal_full_prefix_rescoring(tiny_pair):
+def test_sibling_scores_equal_full_prefix_rescoring(tiny_pair):
+    from select2think.decoding.local_loop import naive_hidden
+    from select2think.decoding.local_scorer import reserved_scores, score_from_logits
+
     prefix = [1, 504, 2201, 30, 17, 99]
     cands = [11, 22, 33, 44, 55, 66, 77, 88]
-    b = HFBackend(tiny_pair.slm, tiny_pair.vocab_size)
+    b = tiny_pair.slm.spawn()
     b.reset(1)
-    b.extend(torch.tensor([prefix[:-1]]), torch.ones(1, len(prefix) - 1, dtype=torch.bool))
-    b.extend(torch.tensor([[prefix[-1]]]), torch.ones(1, 1, dtype=torch.bool))
-    base = b.num_slots
-    raw = b.extend_tree(torch.tensor([cands]), torch.ones(1, 8, dtype=torch.bool))
-    tree = score_from_logits(raw[0], tiny_pair.reserved_ids)
-    naive = naive_scores(tiny_pair.slm, prefix, cands, tiny_pair.reserved_ids)
+    b.want_hidden = True
+    b.extend(torch.tensor([prefix]), torch.ones(1, len(prefix), dtype=torch.bool))
+    raw = b.score_siblings([0], torch.tensor([cands]))
+    rows = tiny_pair.slm.output_rows(tiny_pair.reserved_ids)
+    tree = reserved_scores(b.last_hidden[0], rows)
+    naive = reserved_scores(naive_hidden(tiny_pair.slm.spawn(), prefix, cands), rows)
     assert torch.allclose(tree, naive, atol=1e-5)
+    # training's layout (reserved columns of the raw logits) gives the same scores as decoding's
+    assert torch.allclose(score_from_logits(raw[0], tiny_pair.reserved_ids), tree, atol=1e-5)
     assert float(tree.min()) >= 0.0 and float(tree.max()) <= 1.0
-    # keeping candidate 3 leaves the cache as if it had been fed normally
-    b.accept_tree(0, base + 3)
-    nxt = b.extend(torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.bool))[0, -1]
-    full = tiny_pair.slm(input_ids=torch.tensor([prefix + [cands[3], 5]])).logits[0, -1, : tiny_pair.vocab_size]
-    assert torch.allclose(nxt, full, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_batched_local_scores_only_the_rows_that_fire(tiny_pair, entropy_thresho
     prompts = ["What is 2+2?", "Name a fruit.", "Hi", "Count to ten."]
     cfg = DecodeConfig(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24)
     widths = []
-    hook = tiny_pair.slm.register_forward_pre_hook(
+    hook = tiny_pair.slm_module().register_forward_pre_hook(
         lambda m, a, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True
     )
     try:
@@ -90,11 +90,14 @@ def adapted_pair():
 
     from select2think import load_pair
 
+    from select2think.backends.hf import HFBackend
+
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
-    pair.slm = get_peft_model(pair.slm, lora).eval()
-    return pair
+    adapted = HFBackend(get_peft_model(pair.slm_module(), lora).eval())
+    pair.slm, pair.scorer = adapted.without_adapter(), adapted
+    return pair, dataclasses.replace(pair, slm=adapted, scorer=None)
 
 
 def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_pair, tiny_pair, entropy_threshold):
@@ -108,6 +111,7 @@ def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_p
         max_new_tokens=24,
         local_mode="decoupled",
     )
+    adapted_pair, coupled_pair = adapted_pair
     ref = generate(adapted_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
     fast = generate(adapted_pair, prompts, DecodeConfig(**cfg), batch_size=3)
     assert fast.path == "local-tree-decoupled" and ref.path == "local-reference-decoupled"
@@ -118,7 +122,7 @@ def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_p
     base = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=24))
     assert ids(generate(adapted_pair, prompts, DecodeConfig(local_mode="decoupled", **quiet))) == ids(base)
     # coupled mode generates with the adapter on: another answer
-    assert ids(generate(adapted_pair, prompts, DecodeConfig(local_mode="coupled", **quiet))) != ids(base)
+    assert ids(generate(coupled_pair, prompts, DecodeConfig(local_mode="coupled", **quiet))) != ids(base)
     with pytest.raises(S2TError, match="unmerged"):
         generate(tiny_pair, prompts, DecodeConfig(**cfg))
     with pytest.raises(S2TError, match="coupled or decoupled"):
@@ -129,6 +133,7 @@ def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_p
 def test_local_rows_finishing_early_leave_both_caches_and_the_rest_decode_unchanged(adapted_pair, mode):
     prompts = ["Hi", "Tell me a long story about a cat and a dog.", "Count to ten."]
     cfg = dict(policy="s2t-local", trigger="always", k=8, max_new_tokens=12, local_mode=mode)
+    adapted_pair = adapted_pair[0] if mode == "decoupled" else adapted_pair[1]
     free = generate(adapted_pair, prompts[:1], DecodeConfig(**cfg), batch_size=1)
     cfg = DecodeConfig(extra_eos=(free.generations[0].token_ids[1],), **cfg)
     alone = generate(adapted_pair, prompts, cfg, batch_size=1)

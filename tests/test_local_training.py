@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from select2think import DecodeConfig, generate, load_pair
 from select2think.decoding.calibrate import calibrate
@@ -62,17 +63,17 @@ def test_collect_writes_groups_and_features_and_refuses_test_sets(collected):
 
 def test_tree_layout_equals_naive_layout(tiny_pair):
     ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30, 40]
-    tree = candidate_logits(tiny_pair.slm, ctx, cands, "tree")
-    naive = candidate_logits(tiny_pair.slm, ctx, cands, "naive")
+    tree = candidate_logits(tiny_pair.slm_module(), ctx, cands, "tree")
+    naive = candidate_logits(tiny_pair.slm_module(), ctx, cands, "naive")
     assert torch.allclose(tree, naive, atol=1e-4)
 
 
 def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30, 40]
-    before = candidate_logits(pair.slm, ctx, cands)
+    before = candidate_logits(pair.slm_module(), ctx, cands)
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)  # the paper's head alone
-    model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
+    model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
     assert torch.allclose(candidate_logits(model, ctx, cands), before, atol=1e-5)  # LoRA B = 0, rows = head rows
     loss, _, _ = group_loss(
         model,
@@ -110,13 +111,14 @@ def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_p
     assert [h["epoch"] for h in second["history"]] == [0, 1, 2]  # 0: the untrained head
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
-    before = pair.slm.lm_head.weight.detach().clone()
-    embed_before = pair.slm.model.embed_tokens.weight.detach().clone()
+    before = pair.slm_module().lm_head.weight.detach().clone()
+    embed_before = pair.slm_module().model.embed_tokens.weight.detach().clone()
     apply_selector(pair, out)
-    after = pair.slm.lm_head.weight.detach()
-    changed = (after != before).any(-1).nonzero().flatten().tolist()
-    assert changed == list(range(49152, 49168))  # only the reserved rows of the head moved
-    assert torch.equal(pair.slm.model.embed_tokens.weight, embed_before)
+    saved = load_file(out / "reserved_rows.safetensors")["weight"]
+    assert torch.equal(pair.selector.rows, saved) and not torch.equal(saved, before[49152:49168])
+    # the merged LoRA moves the backbone; the head and the embeddings stay as they were
+    assert torch.equal(pair.slm_module().lm_head.weight, before)
+    assert torch.equal(pair.slm_module().model.embed_tokens.weight, embed_before)
     r = generate(pair, ["What is 2+2?"], DecodeConfig(policy="s2t-local", trigger="always", max_new_tokens=8))
     assert r.stats.llm_forwards == 0 and r.stats.triggers == 8 - 3
 
@@ -421,10 +423,10 @@ def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_pat
     rows = load_file(tmp_path / "sel" / "reserved_rows.safetensors")["weight"]
     ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30]
     with torch.no_grad():
-        raw = candidate_logits(pair.slm, ctx, cands)
-        hidden = pair.slm.get_decoder()(input_ids=torch.tensor([ctx + [cands[0]]])).last_hidden_state[0, -1]
-    assert raw.dtype == torch.float32
-    assert torch.allclose(raw[0, list(pair.reserved_ids)], hidden.float() @ rows.T, atol=1e-4)
+        raw = candidate_logits(pair.slm_module(), ctx, cands)
+        hidden = pair.slm_module().get_decoder()(input_ids=torch.tensor([ctx + [cands[0]]])).last_hidden_state[0, -1]
+    assert raw.dtype == torch.float32 and pair.selector.rows.dtype == torch.float32
+    assert torch.equal(pair.selector.rows, rows)  # scored in fp32 as trained, though the model runs in bf16
 
 
 def test_validation_flags_a_collapsed_score_head(collected):
@@ -432,7 +434,7 @@ def test_validation_flags_a_collapsed_score_head(collected):
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)
-    model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
+    model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
     groups = load_groups(collected / "groups")[:4]
     assert evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)["tied"] == 0.0
     with torch.no_grad():
@@ -447,7 +449,7 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     cfg = TrainConfig(slm="tiny-slm", groups="", out="")
     assert cfg.prior_weight > 0  # the default
-    model, rows = prepare_model(pair.slm, pair.reserved_ids, cfg)
+    model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
     groups = load_groups(collected / "groups")
     untrained = evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)
     assert untrained["tied"] == 1.0 and untrained["agree_at_1"] == untrained["slm_top1_agree"]
@@ -466,7 +468,7 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
     )
     local = dict(policy="s2t-local", trigger="always", max_new_tokens=16)
     as_greedy = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), tmp_path / "untrained")
-    assert as_greedy.selector_prior == 0.1
+    assert as_greedy.selector.prior_weight == 0.1
     assert ids(generate(as_greedy, prompts, DecodeConfig(**local))) == ids(greedy)
 
     out = tmp_path / "trained"
@@ -529,7 +531,7 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     from select2think.local.train import evaluate, split_groups
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
-    model, r = prepare_model(pair.slm, pair.reserved_ids, TrainConfig(slm="tiny-slm", groups="", out=""))
+    model, r = prepare_model(pair.slm_module(), pair.reserved_ids, TrainConfig(slm="tiny-slm", groups="", out=""))
     with torch.no_grad():
         r.weight.copy_(rows)
     _, val = split_groups(load_groups(collected / "groups", 12), cfg(out))

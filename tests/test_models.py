@@ -108,12 +108,12 @@ def test_tiny_models_are_deterministic_and_fast():
 def test_pair_is_checked_and_padding_never_proposed(tiny_pair):
     assert tiny_pair.vocab_size == 49152
     assert tiny_pair.reserved_ids == tuple(range(49152, 49168))
-    from select2think.backends import HFBackend
+    from select2think.decoding.vocab import Vocab
 
-    b = HFBackend(tiny_pair.slm, tiny_pair.vocab_size)
+    b = tiny_pair.slm.spawn()
     b.reset(1)
-    logits = b.extend(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool))
-    assert logits.shape[-1] == 49152
+    raw = b.extend(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool))
+    assert raw.shape[-1] == 49152 + 64 and Vocab.of(tiny_pair).text_logits(raw).shape[-1] == 49152
 
 
 def test_reserved_ids_below_vocab_are_never_generated(tiny_pair):
@@ -126,6 +126,7 @@ def test_reserved_ids_below_vocab_are_never_generated(tiny_pair):
         slm=tiny_pair.slm,
         llm=tiny_pair.llm,
         tokenizer=tiny_pair.tokenizer,
+        eos_ids=tiny_pair.eos_ids,
         slm_name="tiny-slm",
         llm_name="tiny-llm",
         reserved_ids=banned,

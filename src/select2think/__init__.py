@@ -2,7 +2,8 @@
 
 from .decoding import DecodeConfig, GenerateResult, generate
 from .errors import S2TError
-from .models import ModelPair, load_pair
+from .backends import load_pair
+from .models import ModelPair
 
 __version__ = "0.1.0"
 __all__ = ["DecodeConfig", "GenerateResult", "ModelPair", "S2TError", "generate", "load_pair"]

@@ -24,6 +24,7 @@ console = Console(soft_wrap=True)
 
 DTYPE = typer.Option("bf16", help="bf16 | fp32 | fp16")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
+BACKEND = typer.Option("hf", help="engine: hf (transformers) | llama.cpp (GGUF models, CPU, 3-5x faster here)")
 
 
 @models_app.command("list")
@@ -57,14 +58,14 @@ def models_fetch(name: str, dtype: str = DTYPE):
 
 
 @app.command("check-pair")
-def check_pair(slm: str, llm: str, dtype: str = DTYPE, device: str = DEVICE):
+def check_pair(slm: str, llm: str, dtype: str = DTYPE, device: str = DEVICE, backend: str = BACKEND):
     """Load both models and check they can form an S2T pair (exit 2 if not)."""
-    from .models.pair import embedding_rows, load_pair
+    from .backends import load_pair
 
-    pair = load_pair(slm, llm, dtype=dtype, device=device)
+    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=backend)
     console.print(
         f"compatible: {slm} + {llm} share a tokenizer of {pair.vocab_size} ids; "
-        f"output rows {embedding_rows(pair.slm)} / {embedding_rows(pair.llm)}; "
+        f"output rows {pair.slm.vocab_rows} / {pair.require_llm().vocab_rows}; "
         f"reserved ids for S2T-Local: "
         + (f"{pair.reserved_ids[0]}..{pair.reserved_ids[-1]}" if pair.reserved_ids else "none available")
     )
@@ -114,11 +115,13 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = BACKEND,
 ):
     """Generate an answer with one policy, streaming the text, then print the statistics."""
     from .decoding import DecodeConfig
     from .decoding import generate as run
-    from .models.pair import load_pair
+    from .decoding.config import POLICIES
+    from .backends import load_pair
 
     if not prompt.strip():
         raise S2TError("empty prompt")
@@ -130,7 +133,7 @@ def generate(
             raise S2TError(f"policy s2t-local needs --adapter (a selector from `s2t train`); none ships for {slm}")
         if trigger is None and threshold is None and threshold_file is None and bundled_trigger(adapter):
             trigger, threshold_file = "learned", str(bundled_trigger(adapter))
-    trig = trigger or {"s2t": "kl", "takeover": "kl", "s2t-local": "entropy"}.get(policy, "never")
+    trig = trigger or (POLICIES[policy].default_trigger if policy in POLICIES else "never")
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
     cfg = DecodeConfig(
         policy=policy,
@@ -149,7 +152,7 @@ def generate(
     )
     if cfg.uses_llm and llm is None:
         raise S2TError(f"policy {policy!r} needs --llm")
-    pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device)
+    pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device, backend=backend)
     if policy == "s2t-local":
         from .local.train import apply_selector
 
@@ -199,13 +202,14 @@ def calibrate_cmd(
     out: str = typer.Option(..., help="threshold JSON to write"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = BACKEND,
 ):
     """Write a trigger threshold: the quantile of its statistic under greedy SLM decoding."""
     from .decoding.calibrate import calibrate, check_quantile
     from .decoding.triggers import make_trigger
     from .eval.datasets import load_dataset, refuse_test
     from .eval.prompts import math_prompt
-    from .models.pair import load_pair
+    from .backends import load_pair
 
     check_quantile(quantile)
     needs_llm = make_trigger(trigger).needs_llm
@@ -213,7 +217,7 @@ def calibrate_cmd(
     refuse_test(ds, "calibration")
     if limit < 1:
         raise S2TError(f"limit must be >= 1, got {limit}")
-    pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device)
+    pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device, backend=backend)
     prompts = [math_prompt(i.question) for i in ds.take(limit)]
     cal = calibrate(
         pair, prompts, trigger, quantile, dataset, reverse_kl, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -248,6 +252,7 @@ def eval_cmd(
     out: str = typer.Option(..., help="run directory (rerun the same command to resume)"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = BACKEND,
 ):
     """Decode and grade every (item, policy); one JSON line each, resumable, shardable."""
     from .eval.report import write_report
@@ -269,6 +274,7 @@ def eval_cmd(
         top_p=top_p,
         dtype=dtype,
         device=device,
+        backend=backend,
         batch_size=batch_size,
     )
     run_eval(cfg)
@@ -287,6 +293,7 @@ def analyze(
     out: str = typer.Option(..., help="output directory (rerun to resume)"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = BACKEND,
 ):
     """Local sufficiency: Hit@K of the LLM's choice in the SLM's top-K at divergence points."""
     from .analysis.sufficiency import AnalyzeConfig, markdown, run_analysis
@@ -302,6 +309,7 @@ def analyze(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
+        backend=backend,
     )
     summary = run_analysis(cfg)
     text = markdown(summary)
@@ -322,6 +330,7 @@ def collect(
     out: str = typer.Option(..., help="groups directory (rerun to resume)"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = BACKEND,
 ):
     """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups."""
     from .local.collect import CollectConfig, run_collect
@@ -340,6 +349,7 @@ def collect(
             batch_size=batch_size,
             dtype=dtype,
             device=device,
+            backend=backend,
         )
     )
     console.print(f"{len(load_groups(out))} groups in {out}/groups.jsonl")
@@ -467,12 +477,15 @@ def demo(
     max_new_tokens: int = typer.Option(512),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    backend: str = typer.Option("auto", help="auto (llama.cpp when installed, else hf) | hf | llama.cpp"),
 ):
     """Greedy SLM vs LLM alone vs S2T on a few GSM8K test problems."""
+    from .backends import load_pair
+    from .backends.loading import fastest_engine
     from .demo import run_demo
-    from .models.pair import load_pair
 
-    pair = load_pair(slm, llm, dtype=dtype, device=device)
+    engine = fastest_engine(slm, llm) if backend == "auto" else backend
+    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=engine)
     run_demo(pair, n=n, max_new_tokens=max_new_tokens, console=console)
 
 

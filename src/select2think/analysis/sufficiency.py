@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ..decoding import DecodeConfig, generate
-from ..decoding.api import encode_prompts
 from ..decoding.teacher import step_logprobs
+from ..decoding.vocab import Vocab
+from ..models.chat import encode_prompts
 from ..decoding.triggers import EntropyTrigger, KLTrigger, MarginTrigger
 from ..errors import S2TError
 from ..eval.datasets import load_dataset
@@ -41,6 +42,7 @@ class AnalyzeConfig:
     batch_size: int = 8
     dtype: str = "bf16"
     device: str = "auto"
+    backend: str = "hf"
 
     def __post_init__(self):
         if self.trajectory not in ("slm", "llm"):
@@ -72,8 +74,8 @@ def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new
     gens = generate(pair, [""] * len(prompt_ids), cfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids))
     out = []
     for ids, g in zip(prompt_ids, gens.generations):
-        s_lp = step_logprobs(pair.slm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
-        l_lp = step_logprobs(pair.llm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
+        s_lp, _ = step_logprobs(pair.slm, ids, g.token_ids, Vocab.of(pair))
+        l_lp, _ = step_logprobs(pair.require_llm(), ids, g.token_ids, Vocab.of(pair))
         out.append({**step_records(s_lp, l_lp), "tokens": g.token_ids})
     return out
 
@@ -85,7 +87,7 @@ def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from rich.progress import Progress
 
-    from ..models.pair import load_pair
+    from ..backends import load_pair
 
     ds = load_dataset(cfg.dataset, limit=cfg.limit)
     items = ds.take(cfg.limit)
@@ -95,7 +97,7 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     done = {r["item"] for r in read_lines(steps_path)}
     todo = [it for it in items if it.id not in done]
     if todo:
-        pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device)
+        pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
         prompts = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in todo], True)
         with Progress(disable=not progress) as bar, open(steps_path, "a") as f:
             task = bar.add_task("analyze", total=len(items), completed=len(items) - len(todo))

@@ -1,5 +1,6 @@
-"""Language-model backends: a batched KV cache with prefill, extend and rollback."""
+"""Engines behind one interface (base.py): transformers (hf.py) and llama.cpp (llamacpp.py)."""
 
-from .hf import HFBackend
+from .base import Backend, Capabilities
+from .loading import ENGINES, load_backend, load_pair
 
-__all__ = ["HFBackend"]
+__all__ = ["ENGINES", "Backend", "Capabilities", "load_backend", "load_pair"]

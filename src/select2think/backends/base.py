@@ -43,6 +43,7 @@ class Backend(ABC):
     def __init__(self, vocab_rows: int, hidden_size: int):
         self.vocab_rows = vocab_rows
         self.hidden_size = hidden_size
+        self.n_params = 0  # weights in the model (the report's compute column prices tokens by it)
         self.want_hidden = False  # keep the final hidden states of the next forwards in `last_hidden`
         self.last_hidden: torch.Tensor | None = None  # [B, n, H] after extend, [R, K, H] after score_siblings
         self.forwards = 0
@@ -87,6 +88,10 @@ class Backend(ABC):
         """Row r keeps sibling `picks[r]` of the last `score_siblings` as its next token (its length grows
         by one); every other provisional sibling is dropped."""
         raise S2TError(f"the {self.name} backend cannot score sibling candidates")
+
+    def spawn(self) -> Backend:
+        """A second backend with its own cache on the same weights (reference paths score on it)."""
+        raise S2TError(f"the {self.name} backend cannot open a second cache on the same weights")
 
     # -- shared helpers -----------------------------------------------------------------------------
     def require(self, capability: str, what: str) -> None:

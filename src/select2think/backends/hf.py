@@ -1,57 +1,97 @@
-"""A transformers causal LM behind a batched, rollback-able KV cache.
+"""A transformers causal LM behind the backend interface (the reference engine; training uses it too).
 
-The cache has B rows of T slots. `slot_mask[b, t]` says whether slot t of row b holds a live token:
-left padding, finished rows and rolled-back draft tokens are dead slots that no query attends to.
-Positions are counted over live slots only, so a row's tokens see exactly what they would see alone.
-Rolling back marks slots dead (and physically crops slots that are dead in every row).
-Finished rows can be retired: they leave the cache, and later forwards run on the remaining rows only.
+The cache has one row per batch row and T slots. `slot_mask[j, t]` says whether slot t of cache row j
+holds a live token: left padding, rolled-back tokens and dropped siblings are dead slots no query attends
+to. Positions count live slots only, so a row's tokens see exactly what they would see alone. Slots that
+are dead in every row are cropped. Retired rows leave the cache; callers keep using batch row numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 
+from .base import Backend, Capabilities
 
-class HFBackend:
-    def __init__(self, model, vocab_size: int, banned_ids: tuple[int, ...] = ()):
+
+class AdapterOff:
+    """A PEFT model seen with its adapter disabled: a base-model view sharing the adapted model's weights
+    (S2T-Local's decoupled mode generates with it while the adapted model scores)."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        self.peft = peft_model
+        self.config = peft_model.config
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    def get_output_embeddings(self):
+        return self.peft.get_output_embeddings()
+
+    def __call__(self, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft(**kwargs)
+
+
+class HFBackend(Backend):
+    name = "hf"
+    capabilities = Capabilities(full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True)
+
+    def __init__(self, model):
+        head = model.get_output_embeddings()
+        super().__init__(vocab_rows=head.weight.shape[0], hidden_size=head.weight.shape[1])
         self.model = model
-        self.vocab_size = vocab_size
-        self.banned = torch.tensor(banned_ids, dtype=torch.long) if banned_ids else None
+        self.n_params = sum(p.numel() for p in model.parameters())
         self.device = next(model.parameters()).device
-        self.want_hidden = False  # keep the final hidden states of the last forward (learned trigger)
-        self.last_hidden: torch.Tensor | None = None
-        self.forwards = 0  # model calls
-        self.tokens = 0  # live tokens processed
+        self.dtype = next(model.parameters()).dtype
         self.reset(0)
 
+    def spawn(self) -> HFBackend:
+        return HFBackend(self.model)
+
+    def without_adapter(self) -> HFBackend:
+        """A second backend (own cache) on the same weights with the LoRA adapter switched off."""
+        return HFBackend(AdapterOff(self.model))
+
+    def output_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        """The output head's rows [len(ids), H] for `ids` in fp32 (S2T-Local's untrained score head)."""
+        return self.model.get_output_embeddings().weight.detach()[list(ids)].float().cpu()
+
+    # -- the batch ---------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
         self.cache = DynamicCache(config=self.model.config)
         self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.row_forwards = [0] * batch_size  # forwards in which the row had a live token
-        self.row_tokens = [0] * batch_size  # live tokens the row put through the model
-        self.rows = list(range(batch_size))  # the rows still in the cache, in cache order
+        self.rows = list(range(batch_size))  # the batch rows still in the cache, in cache order
+        self.batch_size = batch_size
+        self._siblings: tuple[list[int], int] | None = None  # (rows, first sibling slot) of a tree on the cache
+        self._peeked: tuple[list[int], torch.Tensor] | None = None  # (rows, cands) scored on a view
+        self._reset_counters(batch_size)
 
     @property
     def num_slots(self) -> int:
         return self.slot_mask.shape[1]
 
-    @torch.no_grad()
-    def extend(
-        self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True, last_only: bool = False
-    ) -> torch.Tensor | None:
-        """Append tokens [B, k] (dead where `live` is False); return float32 logits [B, k, vocab].
+    def length(self, row: int) -> int:
+        return int(self.lengths[self._cache_row(row)])
 
-        Logits are cut to the tokenizer's vocabulary and banned ids set to -inf. `logits=False` only
-        fills the cache (a catch-up whose predictions nobody reads) and skips the vocabulary projection;
-        `last_only` returns the last position's logits only [B, 1, vocab] (a prompt prefill: projecting
-        every position of 128 prompts onto a 152k vocabulary costs ~12 GB and minutes on a CPU).
-        """
-        full_batch = tokens.shape[0]
+    def _cache_row(self, row: int) -> int:
+        try:
+            return self.rows.index(row)
+        except ValueError:
+            raise ValueError(f"row {row} was retired from the cache") from None
+
+    def _held(self) -> torch.Tensor | None:
+        """Cache rows' batch indices, or None while no row has been retired."""
+        return None if len(self.rows) == self.batch_size else torch.tensor(self.rows, device=self.device)
+
+    @torch.no_grad()
+    def extend(self, tokens, live, logits=True, last_only=False):
+        self._drop_siblings()
         held = self._held()
-        tokens = tokens.to(self.device)
-        live = live.to(self.device)
+        tokens, live = tokens.to(self.device), live.to(self.device)
         if held is not None:
             tokens, live = tokens[held], live[held]
         positions = (self.lengths[:, None] + live.long().cumsum(1) - 1).clamp(min=0)
@@ -65,149 +105,145 @@ class HFBackend:
             output_hidden_states=self.want_hidden,
             **({"logits_to_keep": 1} if (last_only or not logits) else {}),
         )
-        self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
+        self._keep_hidden(out, held)
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
-        self._count(live)
-        if not logits:
-            return None
-        return _to_batch(self.text_logits(out.logits.float()), held, full_batch)
+        self._count(self.rows, live.sum(1).tolist())
+        return self._to_batch(out.logits.float(), held) if logits else None
 
-    def _held(self) -> torch.Tensor | None:
-        """Indices of the rows still in the cache, or None while no row has been retired."""
-        n = len(self.row_tokens)
-        return None if len(self.rows) == n else torch.tensor(self.rows, device=self.device)
+    def truncate(self, row: int, length: int) -> None:
+        self._drop_siblings()
+        j = self._cache_row(row)
+        live_slots = self.slot_mask[j].nonzero().flatten()
+        if length < len(live_slots):
+            self.slot_mask[j, int(live_slots[length]) :] = False
+            self.lengths[j] = length
+        self._compact_tail()
 
-    def _slot_row(self, row: int) -> int:
-        """The cache row holding batch row `row`."""
-        try:
-            return self.rows.index(row)
-        except ValueError:
-            raise ValueError(f"row {row} was retired from the cache") from None
-
-    def retire(self, finished) -> None:
-        """Drop finished rows from the cache so that later forwards skip them. Callers keep using batch
-        row numbers: inputs for retired rows are ignored and their outputs are zeros nobody reads."""
-        finished = set(finished)
-        keep = [i for i, r in enumerate(self.rows) if r not in finished]
+    def retire(self, rows: Sequence[int]) -> None:
+        self._drop_siblings()
+        finished = set(rows)
+        keep = [j for j, r in enumerate(self.rows) if r not in finished]
         if len(keep) == len(self.rows) or not keep:
             return
         idx = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(idx)
         self.slot_mask, self.lengths = self.slot_mask[idx], self.lengths[idx]
-        self.rows = [self.rows[i] for i in keep]
-        self.compact_tail()
+        self.rows = [self.rows[j] for j in keep]
+        self._compact_tail()
 
-    def _count(self, live: torch.Tensor) -> None:
-        self.forwards += 1
-        self.tokens += int(live.sum())
-        for j, n in enumerate(live.sum(1).tolist()):
-            r = self.rows[j]  # the cache's j-th row
-            self.row_tokens[r] += n
-            self.row_forwards[r] += n > 0
-
+    # -- siblings ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def extend_tree(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """Score K sibling tokens per row against the cache in one forward; return raw logits [B, K, V_all].
+    def score_siblings(self, rows, cands):
+        """Every held row listed: one tree forward on the cache (K slots per row, dead until kept), so the
+        winner needs no further forward. A subset: the listed rows alone score on a view of their cache
+        rows (the others would pay K positions each), and `keep_siblings` then feeds the winners."""
+        self._drop_siblings()
+        rows = list(rows)
+        K = cands.shape[1]
+        if sorted(rows) == sorted(self.rows):
+            order = [rows.index(r) for r in self.rows]
+            feed = cands[order].to(self.device)
+            sub_mask, lengths = self.slot_mask, self.lengths
+            self._siblings = (list(self.rows), self.num_slots)
+            out = self.model(
+                input_ids=feed,
+                attention_mask=self._tree_mask(sub_mask, K),
+                position_ids=lengths[:, None].expand(-1, K),
+                cache=self.cache,
+                use_cache=True,
+                output_hidden_states=self.want_hidden,
+            )
+            self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(feed, dtype=torch.bool)], dim=1)
+            back = [self.rows.index(r) for r in rows]
+            self._count(self.rows, [K] * len(self.rows))
+            self._keep_hidden(out, None, back)
+            return out.logits.float()[back]
+        out = self._peek(rows, cands)
+        self._peeked = (rows, cands)
+        return out
 
-        Every live candidate sits at the row's next position and sees the prefix and itself only (a
-        tree attention mask), so one forward replaces K forwards of K prefix copies. The slots are
-        added dead-until-accepted: call `accept_tree` to keep one candidate per row.
-        """
-        full_batch = tokens.shape[0]
-        held = self._held()
-        tokens, live = tokens.to(self.device), live.to(self.device)
-        if held is not None:
-            tokens, live = tokens[held], live[held]
-        B, K = tokens.shape
-        positions = self.lengths[:, None].expand(B, K)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self._tree_mask(self.slot_mask, K),
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            output_hidden_states=self.want_hidden,
-        )
-        self.last_hidden = _to_batch(out.hidden_states[-1].float(), held, full_batch) if self.want_hidden else None
-        self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(live)], dim=1)
-        self._count(live)
-        return _to_batch(out.logits.float(), held, full_batch)
+    def _peek(self, rows: list[int], cands: torch.Tensor) -> torch.Tensor:
+        sub = torch.tensor([self._cache_row(r) for r in rows], device=self.device)
+        layers = self.cache.layers
+        saved = [(layer.keys, layer.values) for layer in layers]
+        K = cands.shape[1]
+        try:
+            for layer, (k, v) in zip(layers, saved, strict=True):
+                layer.keys, layer.values = k[sub], v[sub]  # updates concatenate: the originals stay intact
+            out = self.model(
+                input_ids=cands.to(self.device),
+                attention_mask=self._tree_mask(self.slot_mask[sub], K),
+                position_ids=self.lengths[sub][:, None].expand(len(rows), K),
+                cache=self.cache,
+                use_cache=True,
+                output_hidden_states=self.want_hidden,
+            )
+        finally:
+            for layer, (k, v) in zip(layers, saved, strict=True):
+                layer.keys, layer.values = k, v
+        self._count(rows, [K] * len(rows))
+        self._keep_hidden(out, None)
+        return out.logits.float()
 
+    def keep_siblings(self, picks: dict[int, int]) -> None:
+        if self._siblings is not None:
+            _, base = self._siblings
+            for r, pick in picks.items():
+                j = self._cache_row(r)
+                self.slot_mask[j, base + pick] = True
+                self.lengths[j] += 1
+            self._siblings = None
+            self._compact_tail()
+        elif self._peeked is not None:
+            rows, cands = self._peeked
+            self._peeked = None
+            feed = torch.zeros(self.batch_size, 1, dtype=torch.long)
+            live = torch.zeros(self.batch_size, 1, dtype=torch.bool)
+            for r, pick in picks.items():
+                feed[r, 0], live[r, 0] = int(cands[rows.index(r), pick]), True
+            hidden = self.want_hidden
+            self.want_hidden = False
+            self.extend(feed, live, logits=False)
+            self.want_hidden = hidden
+        else:
+            raise ValueError("keep_siblings without a score_siblings before it")
+
+    def _drop_siblings(self) -> None:
+        if self._siblings is not None:
+            self._siblings = None
+            self._compact_tail()
+        self._peeked = None
+
+    # -- helpers -----------------------------------------------------------------------------------
     def _tree_mask(self, slot_mask: torch.Tensor, K: int) -> torch.Tensor:
         """Additive mask [B, 1, K, T + K]: K siblings each see the row's live slots and themselves."""
         B, T = slot_mask.shape
         visible = torch.zeros(B, 1, K, T + K, dtype=torch.bool, device=self.device)
         visible[:, 0, :, :T] = slot_mask[:, None, :]
         visible[:, 0, :, T:] = torch.eye(K, dtype=torch.bool, device=self.device)
-        dtype = next(self.model.parameters()).dtype
-        return torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill(~visible, torch.finfo(dtype).min)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill(~visible, torch.finfo(self.dtype).min)
 
-    @torch.no_grad()
-    def peek_tree(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Raw logits [len(rows), K, V_all] of K sibling candidates per listed row, cache left unchanged.
+    def _keep_hidden(self, out, held: torch.Tensor | None, order: list[int] | None = None) -> None:
+        if not self.want_hidden:
+            self.last_hidden = None
+            return
+        hidden = out.hidden_states[-1].float()
+        self.last_hidden = hidden[order] if order is not None else self._to_batch(hidden, held)
 
-        For a batch in which only some rows need candidates scored: those rows alone pay for K tokens
-        (on a view of their cache rows) and the whole batch then extends by one token as usual, instead
-        of K tokens and K slots for every row (`extend_tree`).
-        """
-        sub = torch.tensor([self._slot_row(r) for r in rows], device=self.device)
-        layers = self.cache.layers
-        saved = [(layer.keys, layer.values) for layer in layers]
-        K = tokens.shape[1]
-        try:
-            for layer, (k, v) in zip(layers, saved):
-                layer.keys, layer.values = k[sub], v[sub]  # updates concatenate: the originals stay intact
-            out = self.model(
-                input_ids=tokens.to(self.device),
-                attention_mask=self._tree_mask(self.slot_mask[sub], K),
-                position_ids=self.lengths[sub][:, None].expand(len(rows), K),
-                cache=self.cache,
-                use_cache=True,
-            )
-        finally:
-            for layer, (k, v) in zip(layers, saved):
-                layer.keys, layer.values = k, v
-        self.forwards += 1
-        self.tokens += len(rows) * K
-        for r in rows:
-            self.row_tokens[r] += K
-            self.row_forwards[r] += 1
-        return out.logits.float()
+    def _to_batch(self, x: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+        """Outputs of the held rows placed at their batch rows; retired rows get zeros nobody reads."""
+        if held is None:
+            return x
+        full = x.new_zeros((self.batch_size, *x.shape[1:]))
+        full[held] = x
+        return full
 
-    def accept_tree(self, row: int, slot: int) -> None:
-        """Keep the candidate at `slot` (from the last `extend_tree`) as the row's next token."""
-        j = self._slot_row(row)
-        self.slot_mask[j, slot] = True
-        self.lengths[j] += 1
-
-    def text_logits(self, raw: torch.Tensor) -> torch.Tensor:
-        """Cut raw logits to the tokenizer's vocabulary and mask banned ids."""
-        logits = raw[..., : self.vocab_size].clone()
-        if self.banned is not None:
-            logits[..., self.banned.to(logits.device)] = float("-inf")
-        return logits
-
-    def kill_slots(self, row: int, start_slot: int) -> None:
-        """Roll row back: every slot from `start_slot` on becomes dead."""
-        j = self._slot_row(row)
-        killed = int(self.slot_mask[j, start_slot:].sum())
-        self.slot_mask[j, start_slot:] = False
-        self.lengths[j] -= killed
-
-    def compact_tail(self) -> None:
+    def _compact_tail(self) -> None:
         """Physically drop trailing slots that are dead in every row."""
         alive = self.slot_mask.any(0).nonzero()
         keep = int(alive.max()) + 1 if alive.numel() else 0
         if keep < self.num_slots:
             self.cache.crop(keep - self.num_slots)  # negative: number of slots to drop
             self.slot_mask = self.slot_mask[:, :keep]
-
-
-def _to_batch(x: torch.Tensor, held: torch.Tensor | None, full_batch: int) -> torch.Tensor:
-    """Outputs of the held rows placed at their batch rows; retired rows get zeros nobody reads."""
-    if held is None:
-        return x
-    full = x.new_zeros((full_batch, *x.shape[1:]))
-    full[held] = x
-    return full

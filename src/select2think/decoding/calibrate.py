@@ -15,10 +15,12 @@ import numpy as np
 
 from ..errors import S2TError
 from ..models.pair import ModelPair
-from .api import encode_prompts, generate
+from ..models.chat import encode_prompts
+from .api import generate
 from .config import DecodeConfig
 from .teacher import step_logprobs
 from .triggers import make_trigger
+from .vocab import Vocab
 
 
 @dataclass
@@ -72,12 +74,13 @@ def step_statistics(
         prompt_ids=prompt_ids,
     )
     stats = []
+    vocab = Vocab.of(pair)
     for p_ids, gen in zip(prompt_ids, greedy.generations):
         g = gen.token_ids
         if len(g) <= warmup:
             continue
-        s_lp = step_logprobs(pair.slm, p_ids, g, pair.vocab_size, pair.banned_ids)
-        l_lp = step_logprobs(pair.llm, p_ids, g, pair.vocab_size, pair.banned_ids) if trigger.needs_llm else None
+        s_lp, _ = step_logprobs(pair.slm, p_ids, g, vocab)
+        l_lp = step_logprobs(pair.require_llm(), p_ids, g, vocab)[0] if trigger.needs_llm else None
         keys = [(0, i) for i in range(len(g))]
         stat = trigger.statistic(s_lp, l_lp, keys)[warmup:]
         stats.append(stat.cpu().numpy())

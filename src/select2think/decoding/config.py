@@ -7,14 +7,25 @@ from dataclasses import dataclass, field
 from ..errors import S2TError
 
 LOCAL_MODES = ("coupled", "decoupled")  # s2t-local: adapter generates and scores | adapter only scores
-POLICIES = ("greedy", "sample", "llm", "takeover", "s2t", "s2t-local")
-DEFAULT_TRIGGER = {
-    "greedy": "never",
-    "sample": "never",
-    "llm": "never",
-    "takeover": "kl",
-    "s2t": "kl",
-    "s2t-local": "entropy",
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What a policy is: the one table that config, CLI, eval and `generate` read."""
+
+    default_trigger: str
+    needs_llm: bool  # the LLM is loaded and runs
+    selector: str  # what picks the token where the trigger fires
+    path: str  # reference | llm-alone | fast (draft-verify if the trigger needs the LLM, else lazy-llm) | local
+
+
+POLICIES: dict[str, PolicyInfo] = {
+    "greedy": PolicyInfo("never", False, "slm-top1", "reference"),
+    "sample": PolicyInfo("never", False, "sample", "reference"),
+    "llm": PolicyInfo("never", True, "slm-top1", "llm-alone"),
+    "takeover": PolicyInfo("kl", True, "llm-argmax", "fast"),
+    "s2t": PolicyInfo("kl", True, "llm-restricted-argmax", "fast"),
+    "s2t-local": PolicyInfo("entropy", False, "reserved-head", "local"),
 }
 
 
@@ -41,7 +52,7 @@ class DecodeConfig:
         if self.policy not in POLICIES:
             raise S2TError(f"unknown policy {self.policy!r}: use one of {', '.join(POLICIES)}")
         if self.trigger is None:
-            self.trigger = DEFAULT_TRIGGER[self.policy]
+            self.trigger = POLICIES[self.policy].default_trigger
         if not 1 <= self.k <= 64:
             raise S2TError(f"k must be between 1 and 64, got {self.k}")
         if self.max_new_tokens < 1:
@@ -67,5 +78,9 @@ class DecodeConfig:
         self.stop = tuple(self.stop)
 
     @property
+    def info(self) -> PolicyInfo:
+        return POLICIES[self.policy]
+
+    @property
     def uses_llm(self) -> bool:
-        return self.policy in ("llm", "takeover", "s2t")
+        return self.info.needs_llm

@@ -7,45 +7,34 @@ from __future__ import annotations
 
 import time
 
-from ..backends import HFBackend
-from .policy import Policy
-from .state import DecodeStats, RowState, active_view, commit_step, left_pad, totals
+from ..backends.base import Backend
+from .state import Batch, DecodeStats, RowState, active_view, commit_step, totals
 
 
 def decode_reference(
-    proposer, llm, tokenizer, vocab_size, banned, prompts, policy: Policy, make_row, row_seeds, pad_id
+    proposer: Backend, llm: Backend | None, batch: Batch, role: str = "slm"
 ) -> tuple[list[RowState], DecodeStats]:
-    """Step-by-step decoding. `proposer` is the SLM (or the LLM for the `llm` policy); `llm` may be None."""
+    """Step-by-step decoding. `proposer` is the SLM (or, with `role="llm"`, the LLM decoding alone)."""
     t0 = time.perf_counter()
-    B = len(prompts)
-    slm = HFBackend(proposer, vocab_size, banned)
-    slm.reset(B)
-    big = None
-    if llm is not None:
-        big = HFBackend(llm, vocab_size, banned)
-        big.reset(B)
-    rows = [make_row() for _ in range(B)]
-    ids, live = left_pad(prompts, pad_id)
-    s_logits = slm.extend(ids, live, last_only=True)[:, -1]
-    l_logits = big.extend(ids, live, last_only=True)[:, -1] if big else None
-    while (view := active_view(rows, s_logits, row_seeds)) is not None:
+    policy = batch.policy
+    rows, s_logits = batch.start(proposer)
+    l_logits = batch.start(llm)[1] if llm is not None else None
+    while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
         s_lp = view.slm_logp
-        l_lp = l_logits[view.idx].log_softmax(-1) if big else None
+        l_lp = l_logits[view.idx].log_softmax(-1) if l_logits is not None else None
         fired, _ = policy.fire(s_lp, l_lp, view.steps, view.keys)
         tokens = policy.choose(s_lp, l_lp, fired, view.keys)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
-        feed, feed_live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, pad_id)
-        if not feed_live.any():
+        feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
+        if not live.any():
             break
         finished = [r for r in view.active if rows[r].done]
-        if finished:  # finished rows leave the batch: the rest decode as fast as a smaller batch
-            slm.retire(finished)
-            if big:
-                big.retire(finished)
-        s_logits = slm.extend(feed, feed_live)[:, -1]
-        if big:
-            l_logits = big.extend(feed, feed_live)[:, -1]
-    stats = DecodeStats(slm_forwards=slm.forwards, slm_tokens=slm.tokens)
-    if big:
-        stats.llm_forwards, stats.llm_tokens = big.forwards, big.tokens
-    return rows, totals(rows, stats, t0, slm, big)
+        for b in (proposer, llm):  # finished rows leave the batch: the rest decode as a smaller batch would
+            if b is not None and finished:
+                b.retire(finished)
+        s_logits = batch.next_logits(proposer, feed, live)
+        if llm is not None:
+            l_logits = batch.next_logits(llm, feed, live)
+    if role == "llm":
+        return rows, totals(rows, t0, llm=[proposer])
+    return rows, totals(rows, t0, slm=[proposer], llm=[llm] if llm is not None else [])

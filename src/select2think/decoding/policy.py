@@ -1,4 +1,4 @@
-"""A policy = trigger + selector for triggered steps + base chooser for the rest."""
+"""A policy = trigger + selector for triggered steps + base chooser for the rest (config.POLICIES says which)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import S2TError
 from .config import DecodeConfig
 from .selectors import LLMArgmax, LLMRestrictedArgmax, Sampler, Selector, SLMTop1
 from .triggers import Trigger, make_trigger
@@ -21,18 +22,23 @@ class Policy:
     k: int
 
     @classmethod
-    def from_config(cls, cfg: DecodeConfig, trigger: Trigger | None = None) -> Policy:
-        base = Sampler(cfg.temperature, cfg.top_p, cfg.seed) if cfg.policy == "sample" else SLMTop1()
-        selector = {"s2t": LLMRestrictedArgmax(cfg.k), "takeover": LLMArgmax()}.get(cfg.policy, base)
-        trigger = trigger or make_trigger(cfg.trigger, cfg.reverse_kl, cfg.seed)
-        if cfg.policy in ("greedy", "sample", "llm"):  # s2t-local keeps its trigger; its selector is the scorer
+    def from_config(cls, cfg: DecodeConfig, trigger: Trigger | None = None, head: Selector | None = None) -> Policy:
+        """`trigger`: a ready trigger object (a learned head); `head`: S2T-Local's selector (ReservedHead)."""
+        info = cfg.info
+        base: Selector = Sampler(cfg.temperature, cfg.top_p, cfg.seed) if info.selector == "sample" else SLMTop1()
+        selectors: dict[str, Selector | None] = {
+            "llm-restricted-argmax": LLMRestrictedArgmax(cfg.k),
+            "llm-argmax": LLMArgmax(),
+            "reserved-head": head,
+        }
+        selector = selectors.get(info.selector, base)
+        if selector is None:
+            raise S2TError(f"policy {cfg.policy} needs a selector: apply_selector(pair, PATH) or --adapter PATH")
+        if info.default_trigger == "never":  # greedy, sample, llm: nothing is examined
             trigger = make_trigger("never")
+        trigger = trigger or make_trigger(cfg.trigger or info.default_trigger, cfg.reverse_kl, cfg.seed)
         threshold = cfg.threshold if cfg.threshold is not None else 0.0
         return cls(trigger, selector, base, threshold, cfg.warmup, cfg.k)
-
-    @property
-    def needs_llm_every_step(self) -> bool:
-        return self.trigger.needs_llm
 
     @property
     def needs_llm(self) -> bool:

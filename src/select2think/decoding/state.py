@@ -4,9 +4,17 @@ stopping rules and the statistics every generation reports."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+from ..backends.base import Backend
+from .vocab import Vocab
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 
 @dataclass
@@ -43,6 +51,9 @@ class DecodeStats:
     hits: int = 0
     hit_checked: int = 0
     wall_time_s: float = 0.0
+
+    def __add__(self, other: DecodeStats) -> DecodeStats:
+        return DecodeStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     @property
     def trigger_rate(self) -> float:
@@ -131,14 +142,19 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, live
 
 
-def totals(rows: list[RowState], stats: DecodeStats, t0: float, slm=None, llm=None) -> DecodeStats:
-    """Fill whole-call counters from the rows, and each row's costs from the backends."""
-    for i, r in enumerate(rows):
+def totals(rows: list[RowState], t0: float, slm: Sequence[Backend] = (), llm: Sequence[Backend] = ()) -> DecodeStats:
+    """Whole-call and per-row counters: each model role's costs are the sum over the backends that did
+    that role's work (the LLM policy's proposer is the LLM; decoupled S2T-Local's scorer is SLM work)."""
+    stats = DecodeStats()
+    for role, backends in (("slm", slm), ("llm", llm)):
+        for b in backends:
+            setattr(stats, f"{role}_forwards", getattr(stats, f"{role}_forwards") + b.forwards)
+            setattr(stats, f"{role}_tokens", getattr(stats, f"{role}_tokens") + b.tokens)
+            for i, r in enumerate(rows):
+                setattr(r.gen, f"{role}_forwards", getattr(r.gen, f"{role}_forwards") + b.row_forwards[i])
+                setattr(r.gen, f"{role}_tokens", getattr(r.gen, f"{role}_tokens") + b.row_tokens[i])
+    for r in rows:
         g = r.gen
-        if slm is not None:
-            g.slm_forwards, g.slm_tokens = slm.row_forwards[i], slm.row_tokens[i]
-        if llm is not None:
-            g.llm_forwards, g.llm_tokens = llm.row_forwards[i], llm.row_tokens[i]
         stats.generated_tokens += len(g.token_ids)
         stats.triggers += g.triggers
         stats.flips += g.flips
@@ -182,3 +198,25 @@ def commit_step(rows: list[RowState], view: StepView, tokens, fired, flips, hits
         if not rows[r].commit(t, f, bool(flips[j]), hit):
             feed[r, 0], live[r, 0] = t, True
     return feed, live
+
+
+@dataclass
+class Batch:
+    """What every decode loop is given: prompts [B] of token ids and how to decode them."""
+
+    prompts: list[list[int]]
+    vocab: Vocab
+    policy: Policy
+    make_row: Callable[[], RowState]
+    row_seeds: list
+    pad_id: int
+
+    def start(self, backend: Backend) -> tuple[list[RowState], torch.Tensor]:
+        """Fresh rows, and the backend's text logits [B, V] after prefilling the prompts."""
+        backend.reset(len(self.prompts))
+        ids, live = left_pad(self.prompts, self.pad_id)
+        return [self.make_row() for _ in self.prompts], self.next_logits(backend, ids, live)
+
+    def next_logits(self, backend: Backend, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Extend by ids/live [B, n]; the text logits [B, V] after each row's last token."""
+        return self.vocab.text_logits(backend.extend(ids, live, last_only=True)[:, -1])

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
-from ..decoding.config import LOCAL_MODES
+from ..decoding.config import LOCAL_MODES, POLICIES
 from ..errors import S2TError
 from .datasets import load_dataset
 from .grading import extract_answer, is_correct
 from .prompts import math_prompt
 from .vote import majority, pass_at_k
 
-BASE_POLICIES = ("greedy", "sample", "llm", "takeover", "s2t", "s2t-local")
+BASE_POLICIES = tuple(POLICIES)
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class EvalConfig:
     top_p: float = 0.95
     dtype: str = "bf16"
     device: str = "auto"
+    backend: str = "hf"  # hf | llama.cpp: recorded with the run (results differ in rounding between engines)
     batch_size: int = 8  # rows decoded together (maj@k puts k rows per item)
 
     def shard_index(self) -> tuple[int, int]:
@@ -196,7 +197,7 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
         meta["models"][role] = {
             "name": getattr(src, "name", ""),
             "sha256": getattr(src, "sha256", None),
-            "params": sum(p.numel() for p in model.parameters()),
+            "params": model.n_params,
         }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
@@ -263,7 +264,7 @@ def run_policy_on_items(
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
-    from ..models.pair import load_pair
+    from ..backends import load_pair
 
     specs = [parse_policy(p) for p in cfg.policies]
     if len({s.label for s in specs}) != len(specs):
@@ -277,10 +278,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     results = out / f"results.shard{shard_i}of{shard_n}.jsonl"
     done = {(r["item"], r["policy"]) for r in read_lines(results)}
     todo = [(it, s) for it in items for s in specs if (it.id, s.label) not in done]
-    needs_llm = any(s.policy in ("llm", "takeover", "s2t") for s in specs)
+    needs_llm = any(POLICIES[s.policy].needs_llm for s in specs)
     if needs_llm and not cfg.llm:
         raise S2TError("these policies need --llm")
-    pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device)
+    pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
     _write_config(cfg, out, pair, specs)
     thresholds = {
         s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file
@@ -297,7 +298,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
             from ..local.train import apply_selector
 
             pairs[s.label] = apply_selector(
-                load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device), s.adapter, mode=s.local_mode
+                load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend),
+                s.adapter,
+                mode=s.local_mode,
             )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 
 from ..decoding import DecodeConfig, generate
-from ..decoding.api import encode_prompts
 from ..decoding.calibrate import load_threshold
+from ..decoding.teacher import step_logprobs
 from ..decoding.triggers import EntropyTrigger, KLTrigger, MarginTrigger
+from ..decoding.vocab import Vocab
 from ..errors import S2TError
 from ..eval.datasets import load_dataset, refuse_test
 from ..eval.prompts import math_prompt
 from ..eval.runner import read_lines
+from ..models.chat import encode_prompts
 
 GROUP_K = 16
 CONTEXT = 511
@@ -43,22 +45,14 @@ class CollectConfig:
     batch_size: int = 4
     dtype: str = "bf16"
     device: str = "auto"
-
-
-@torch.no_grad()
-def teacher_forced(model, ids: list[int], n_gen: int, vocab_size: int, hidden: bool = False):
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=hidden)
-    start = len(ids) - n_gen - 1
-    logp = out.logits[0, start : start + n_gen, :vocab_size].float().log_softmax(-1)
-    h = out.hidden_states[-1][0, start : start + n_gen].float() if hidden else None
-    return logp, h
+    backend: str = "hf"
 
 
 def groups_for(pair, prompt_ids: list[int], gen: list[int], threshold: float, k: int, warmup: int):
     ids = prompt_ids + gen
-    s_lp, h = teacher_forced(pair.slm, ids, len(gen), pair.vocab_size, hidden=True)
-    l_lp, _ = teacher_forced(pair.llm, ids, len(gen), pair.vocab_size)
+    vocab = Vocab.of(pair)  # banned ids masked as decoding masks them
+    s_lp, h = step_logprobs(pair.slm, prompt_ids, gen, vocab, hidden=True)
+    l_lp, _ = step_logprobs(pair.require_llm(), prompt_ids, gen, vocab)
     stat = KLTrigger().statistic(s_lp, l_lp)
     fired = (stat > threshold) & (torch.arange(len(gen), device=stat.device) >= warmup)
     top_p, top_i = s_lp.topk(k, dim=-1)
@@ -89,7 +83,7 @@ def groups_for(pair, prompt_ids: list[int], gen: list[int], threshold: float, k:
 def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
     from rich.progress import Progress
 
-    from ..models.pair import load_pair
+    from ..backends import load_pair
 
     ds = load_dataset(cfg.dataset, limit=cfg.limit)
     refuse_test(ds, "training")
@@ -102,7 +96,7 @@ def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
     items = [it for it in ds.take(cfg.limit) if it.id not in done]
     if not items:
         return out
-    pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device)
+    pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
     threshold = load_threshold(cfg.threshold_file, "kl", cfg.slm, cfg.llm)
     dcfg = DecodeConfig(
         policy="s2t", trigger="kl", threshold=threshold, k=cfg.k, max_new_tokens=cfg.max_new_tokens, warmup=cfg.warmup

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..decoding.local_scorer import with_prior
+from ..decoding.local_scorer import reserved_scores, with_prior
 from .train import TIED, TrainConfig, candidate_hidden, selection_loss, spearman
 
 FEATURES = "head_features"
@@ -68,8 +68,7 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
 
 def head_scores(rows: torch.Tensor, hidden: torch.Tensor, logp: torch.Tensor, prior_weight: float):
     """(scores as decoding picks by, head scores) [N, K]: what local_scorer computes from the same rows."""
-    levels = torch.linspace(0, 1, rows.shape[0])
-    head = (hidden @ rows.T).softmax(-1) @ levels
+    head = reserved_scores(hidden, rows)
     return with_prior(head, logp, prior_weight), head
 
 
@@ -114,7 +113,7 @@ def fit_head_only(
 
     t0 = time.perf_counter()
     reserved = list(pair.reserved_ids)
-    model = pair.slm.eval()
+    model = pair.slm_module().eval()
     hidden, logp = group_features(model, groups, pair.vocab_size, cfg, progress)
     q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
     q = q / q.sum(-1, keepdim=True)

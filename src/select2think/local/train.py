@@ -261,7 +261,7 @@ def split_groups(groups: list[dict], cfg: TrainConfig) -> tuple[list[dict], list
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     from rich.progress import Progress
 
-    from ..models.pair import load_pair
+    from ..backends import load_pair
 
     groups = load_groups(cfg.groups, cfg.max_groups)
     pair = load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device)
@@ -274,7 +274,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
 
         return fit_head_only(cfg, pair, groups, train, val, progress)
     torch.manual_seed(cfg.seed)
-    model, rows = prepare_model(pair.slm, reserved, cfg)
+    model, rows = prepare_model(pair.slm_module(), reserved, cfg)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     params = lora + [rows.weight]
@@ -350,10 +350,12 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
 
 
 def apply_selector(pair, path: str | Path, mode: str = "coupled"):
-    """Load a trained selector into the pair's SLM, reserved rows set. Coupled mode merges the LoRA
-    (no cost at generation); decoupled keeps it separate so the base model can generate with it off."""
-    from peft import PeftModel
+    """Load a trained selector into the pair: its reserved rows become S2T-Local's score head
+    (`pair.selector`). A LoRA selector needs the transformers backend: coupled mode merges the LoRA (no
+    cost at generation); decoupled keeps it separate, the base model generating with it off."""
     from safetensors.torch import load_file
+
+    from ..decoding.local_scorer import ReservedHead
 
     path = Path(path)
     if not (path / "selector.json").is_file() or not (path / "reserved_rows.safetensors").is_file():
@@ -375,14 +377,23 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
             f"{path} is a head-only selector (no adapter): the base model generates in either mode, "
             "so use the coupled mode (the default)"
         )
-    model = pair.slm if head_only else PeftModel.from_pretrained(pair.slm, path)
-    if mode == "coupled" and not head_only:
-        model = model.merge_and_unload()
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        head.weight[list(reserved)] = rows["weight"].to(head.weight.dtype).to(head.weight.device)
-        # and score in fp32 as training did: a bf16 head rounds logits near 10 to 1/32, enough to tie candidates
-        ReservedRows(head, reserved).weight.requires_grad_(False).copy_(rows["weight"])
-    pair.slm = model.eval()
-    pair.selector_prior = float(meta.get("prior_weight", 0.0))  # selectors from before the prior had none
+    if not head_only:
+        _apply_lora(pair, path, mode)
+    # scores in fp32 as training computed them: bf16 rounds logits near 10 to 1/32, enough to tie candidates
+    pair.selector = ReservedHead(rows["weight"].float(), float(meta.get("prior_weight", 0.0)))
     return pair
+
+
+def _apply_lora(pair, path: Path, mode: str) -> None:
+    from peft import PeftModel
+
+    from ..backends.hf import HFBackend
+
+    if pair.engine != "hf":
+        raise S2TError(f"{path} is a LoRA selector: it needs --backend hf (a head-only selector runs on any backend)")
+    peft = PeftModel.from_pretrained(pair.slm_module(), path).eval()
+    if mode == "coupled":
+        pair.slm = HFBackend(peft.merge_and_unload().eval())
+    else:
+        adapted = HFBackend(peft)
+        pair.slm, pair.scorer = adapted.without_adapter(), adapted

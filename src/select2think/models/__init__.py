@@ -1,6 +1,6 @@
 """Model registry, cache, loading and the checked SLM/LLM pair."""
 
-from .pair import ModelPair, load_pair
+from .pair import ModelPair
 from .registry import REGISTRY, resolve
 
-__all__ = ["REGISTRY", "ModelPair", "load_pair", "resolve"]
+__all__ = ["REGISTRY", "ModelPair", "resolve"]

