@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from select2think.analysis.sufficiency import AnalyzeConfig, analyze_problem, run_analysis
+from select2think.decoding.triggers import KLTrigger
 from select2think.decoding.vocab import Vocab
 from select2think.models.chat import encode_prompts
-from select2think.decoding.triggers import KLTrigger
 
 
 def test_one_forward_statistics_match_a_slow_per_token_computation(tiny_pair):

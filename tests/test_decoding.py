@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from select2think import DecodeConfig, S2TError, generate
 from select2think.decoding.calibrate import calibrate, load_threshold, step_statistics

@@ -76,7 +76,7 @@ def test_batched_local_scores_only_the_rows_that_fire(tiny_pair, entropy_thresho
 def test_local_refuses_llm_trigger_and_missing_reserved_rows(tiny_pair):
     with pytest.raises(S2TError, match="never runs the LLM"):
         DecodeConfig(policy="s2t-local", trigger="kl", threshold=1.0)
-    from select2think.models.pair import ModelPair
+    from select2think.backends.pair import ModelPair
 
     bare = ModelPair(slm=tiny_pair.slm, tokenizer=tiny_pair.tokenizer, slm_name="x", reserved_ids=None)
     with pytest.raises(S2TError, match="no 16 unused rows"):
@@ -89,7 +89,6 @@ def adapted_pair():
     from peft import LoraConfig, get_peft_model
 
     from select2think import load_pair
-
     from select2think.backends.hf import HFBackend
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")

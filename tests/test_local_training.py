@@ -424,7 +424,6 @@ def test_applied_selector_scores_in_fp32_even_on_a_bf16_model(collected, tmp_pat
     ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30]
     with torch.no_grad():
         raw = candidate_logits(pair.slm_module(), ctx, cands)
-        hidden = pair.slm_module().get_decoder()(input_ids=torch.tensor([ctx + [cands[0]]])).last_hidden_state[0, -1]
     assert raw.dtype == torch.float32 and pair.selector.rows.dtype == torch.float32
     assert torch.equal(pair.selector.rows, rows)  # scored in fp32 as trained, though the model runs in bf16
 

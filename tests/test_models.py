@@ -118,7 +118,7 @@ def test_pair_is_checked_and_padding_never_proposed(tiny_pair):
 
 def test_reserved_ids_below_vocab_are_never_generated(tiny_pair):
     from select2think import generate
-    from select2think.models.pair import ModelPair
+    from select2think.backends.pair import ModelPair
 
     first = generate(tiny_pair, ["hello"], policy="greedy", max_new_tokens=6).generations[0].token_ids
     banned = tuple(sorted(set(first)))[:16]

@@ -118,10 +118,10 @@ def generate(
     backend: str = BACKEND,
 ):
     """Generate an answer with one policy, streaming the text, then print the statistics."""
+    from .backends import load_pair
     from .decoding import DecodeConfig
     from .decoding import generate as run
     from .decoding.config import POLICIES
-    from .backends import load_pair
 
     if not prompt.strip():
         raise S2TError("empty prompt")
@@ -205,11 +205,11 @@ def calibrate_cmd(
     backend: str = BACKEND,
 ):
     """Write a trigger threshold: the quantile of its statistic under greedy SLM decoding."""
+    from .backends import load_pair
     from .decoding.calibrate import calibrate, check_quantile
     from .decoding.triggers import make_trigger
     from .eval.datasets import load_dataset, refuse_test
     from .eval.prompts import math_prompt
-    from .backends import load_pair
 
     check_quantile(quantile)
     needs_llm = make_trigger(trigger).needs_llm

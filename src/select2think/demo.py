@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from .backends.pair import ModelPair
 from .decoding import DecodeConfig, generate
 from .decoding.calibrate import calibrate, load_threshold
 from .eval.datasets import load_dataset, load_gsm_symbolic
@@ -20,7 +21,6 @@ from .local.bundle import bundled_trigger, shipped_bundle
 from .local.train import apply_selector
 from .local.trigger_head import load_learned_trigger
 from .models.cache import cache_root
-from .models.pair import ModelPair
 
 LOCAL_DEMO_MODE = "coupled"
 

@@ -17,13 +17,13 @@ import torch
 
 from ..decoding import DecodeConfig, generate
 from ..decoding.teacher import step_logprobs
-from ..decoding.vocab import Vocab
-from ..models.chat import encode_prompts
 from ..decoding.triggers import EntropyTrigger, KLTrigger, MarginTrigger
+from ..decoding.vocab import Vocab
 from ..errors import S2TError
 from ..eval.datasets import load_dataset
 from ..eval.prompts import math_prompt
 from ..eval.runner import read_lines
+from ..models.chat import encode_prompts
 
 TOP = 64
 KS = (1, 2, 4, 8, 16, 32, 64)

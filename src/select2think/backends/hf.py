@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from .base import Backend, Capabilities
+from .tree import additive, sibling_visibility
 
 
 class AdapterOff:
@@ -218,12 +219,7 @@ class HFBackend(Backend):
     # -- helpers -----------------------------------------------------------------------------------
     def _tree_mask(self, slot_mask: torch.Tensor, K: int) -> torch.Tensor:
         """Additive mask [B, 1, K, T + K]: K siblings each see the row's live slots and themselves."""
-        B, T = slot_mask.shape
-        visible = torch.zeros(B, 1, K, T + K, dtype=torch.bool, device=self.device)
-        visible[:, 0, :, :T] = slot_mask[:, None, :]
-        visible[:, 0, :, T:] = torch.eye(K, dtype=torch.bool, device=self.device)
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return mask.masked_fill(~visible, torch.finfo(self.dtype).min)
+        return additive(sibling_visibility(slot_mask, K), self.dtype)
 
     def _keep_hidden(self, out, held: torch.Tensor | None, order: list[int] | None = None) -> None:
         if not self.want_hidden:

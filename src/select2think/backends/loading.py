@@ -6,9 +6,10 @@ from typing import Any
 
 from ..errors import S2TError
 from ..models.chat import eos_ids
-from ..models.pair import ModelPair, check_tokenizers, pick_reserved_ids, tokenizer_size
+from ..models.pair import check_tokenizers, pick_reserved_ids, tokenizer_size
 from ..models.registry import REGISTRY, ModelSource, resolve
 from .base import Backend
+from .pair import ModelPair
 
 ENGINES = ("hf", "llama.cpp")
 GGUF_KINDS = ("chunks", "wheel-gguf", "gguf", "tiny")
@@ -22,7 +23,7 @@ def check_engine(engine: str) -> str:
 
 def _llamacpp(source: ModelSource, name: str) -> tuple[Backend, Any, list]:
     from ..models.cache import gguf_path
-    from ..models.loading import gguf_tokenizer
+    from ..models.tokenizers import gguf_tokenizer
     from .llamacpp import load_llamacpp
 
     if source.kind not in GGUF_KINDS:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..backends.pair import ModelPair
 from ..errors import S2TError
 from ..models.chat import encode_prompts
-from ..models.pair import ModelPair
 from .config import DecodeConfig
 from .fast import decode_draft_verify, decode_lazy
 from .local_loop import decode_local

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.pair import ModelPair
 from ..errors import S2TError
-from ..models.pair import ModelPair
 from ..models.chat import encode_prompts
 from .api import generate
 from .config import DecodeConfig

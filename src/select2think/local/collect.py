@@ -19,7 +19,7 @@ import torch
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
 from ..decoding.teacher import step_logprobs
-from ..decoding.triggers import EntropyTrigger, KLTrigger, MarginTrigger
+from ..decoding.triggers import KLTrigger, step_features
 from ..decoding.vocab import Vocab
 from ..errors import S2TError
 from ..eval.datasets import load_dataset, refuse_test
@@ -68,10 +68,7 @@ def groups_for(pair, prompt_ids: list[int], gen: list[int], threshold: float, k:
                 "slm_probs": top_p[t].exp().tolist(),
             }
         )
-    feats = torch.cat(
-        [EntropyTrigger().statistic(s_lp)[:, None], (1 - MarginTrigger().statistic(s_lp))[:, None], top_p[:, :8].exp()],
-        dim=1,
-    )
+    feats = step_features(s_lp)  # what the learned trigger reads at decode time
     return groups, {
         "stat": stat.cpu().numpy(),
         "label": fired.cpu().numpy(),

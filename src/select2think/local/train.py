@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..backends.tree import additive, sibling_visibility
 from ..decoding.config import LOCAL_MODES
 from ..decoding.local_scorer import score_from_logits, with_prior
 from ..errors import S2TError
 from ..eval.runner import read_lines
+from .split import validation_problems
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -83,10 +85,8 @@ def tree_batch(context: list[int], cands: list[int], device, dtype):
     pos = torch.tensor([list(range(L)) + [L] * K], device=device)
     vis = torch.zeros(L + K, L + K, dtype=torch.bool, device=device)
     vis[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    vis[L:, :L] = True
-    vis[L:, L:] = torch.eye(K, dtype=torch.bool, device=device)
-    mask = torch.zeros(1, 1, L + K, L + K, dtype=dtype, device=device).masked_fill(~vis, torch.finfo(dtype).min)
-    return ids, pos, mask
+    vis[L:] = sibling_visibility(torch.ones(1, L, dtype=torch.bool, device=device), K)[0]  # as decoding scores
+    return ids, pos, additive(vis[None], dtype)
 
 
 def candidate_logits(
@@ -251,9 +251,7 @@ def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
 
 def split_groups(groups: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     """(train, validation): validation holds whole problems, `val_fraction` of them, drawn with the seed."""
-    items = sorted({g["item"] for g in groups})
-    rng = random.Random(cfg.seed)
-    val_items = set(rng.sample(items, max(1, int(len(items) * cfg.val_fraction)))) if len(items) > 1 else set()
+    val_items = validation_problems((g["item"] for g in groups), cfg.val_fraction, cfg.seed)
     train = [g for g in groups if g["item"] not in val_items]
     return train, [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
 

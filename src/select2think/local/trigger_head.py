@@ -5,7 +5,6 @@ rate are the baselines. The result is a JSON file usable wherever a threshold fi
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from ..decoding.triggers import LearnedTrigger
 from ..errors import S2TError
+from .split import validation_problems
 
 
 def load_features(groups_dir: str | Path):
@@ -20,11 +20,11 @@ def load_features(groups_dir: str | Path):
     if not files:
         raise S2TError(f"no features in {groups_dir}/features: run `s2t collect` first")
     xs, ys, owners = [], [], []
-    for i, f in enumerate(files):
+    for f in files:
         z = np.load(f)
         xs.append(np.concatenate([z["features"], z["hidden"].astype(np.float32)], axis=1))
         ys.append(z["label"].astype(np.float32))
-        owners.append(np.full(len(z["label"]), i))
+        owners.append(np.full(len(z["label"]), f.stem))  # the problem's id
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners)
 
 
@@ -48,12 +48,7 @@ def train_trigger_head(
     X, y, owner = load_features(groups_dir)
     if y.sum() == 0:
         raise S2TError("the collected steps hold no kl-triggered step to learn from")
-    problems = sorted(set(owner.tolist()))
-    val_ids = (
-        set(random.Random(seed).sample(problems, max(1, int(len(problems) * val_fraction))))
-        if len(problems) > 1
-        else set()
-    )
+    val_ids = validation_problems(owner.tolist(), val_fraction, seed)
     val = np.isin(owner, list(val_ids))
     train = ~val if val.any() else np.ones_like(val)
     Xt = torch.tensor(X[train])

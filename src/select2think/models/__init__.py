@@ -1,6 +1,5 @@
-"""Model registry, cache, loading and the checked SLM/LLM pair."""
+"""Model registry, cache, loading and the checks that make two models a pair."""
 
-from .pair import ModelPair
 from .registry import REGISTRY, resolve
 
-__all__ = ["REGISTRY", "ModelPair", "resolve"]
+__all__ = ["REGISTRY", "resolve"]

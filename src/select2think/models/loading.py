@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 from ..errors import S2TError
 from .cache import atomic_path, converted_dir, gguf_path, sha256_of
 from .registry import ModelSource, resolve
+from .tokenizers import quiet_transformers
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -35,20 +34,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
-        hf_logging.enable_progress_bar()
-
-
 def _strip_quantizer(model) -> None:
     """A dequantised GGUF model saves as plain safetensors once the quantizer traces are gone."""
     if hasattr(model, "hf_quantizer"):
@@ -64,7 +49,7 @@ def _convert_gguf(source: ModelSource, dtype_name: str):
 
     gguf = gguf_path(source)
     dest = converted_dir(source, dtype_name)
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype_name])
     _strip_quantizer(model)
@@ -101,7 +86,7 @@ def fetch(name: str, dtype_name: str = "bf16") -> Path:
 def _from_dir(path: str | Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
@@ -130,34 +115,3 @@ def load_model(name: str, dtype: str = "bf16", device: str = "auto"):
     model = model.to(dev).eval()
     model.requires_grad_(False)
     return model, tokenizer, source
-
-
-def gguf_tokenizer(source: ModelSource, gguf: Path | None = None):
-    """The tokenizer of a GGUF model, converted once and cached (the llama.cpp backend decodes text with
-    it; a safetensors conversion already made holds the same tokenizer and is used when present)."""
-    from transformers import AutoTokenizer
-
-    from .cache import cache_root
-
-    if source.kind == "tiny":
-        return smollm2_tokenizer()
-    converted = converted_dir(source, "bf16") if source.kind in ("chunks", "wheel-gguf", "gguf") else None
-    if converted is not None and (converted / "tokenizer_config.json").is_file():
-        with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(converted)
-    gguf = gguf or gguf_path(source)
-    key = source.name if source.kind != "gguf" else converted_dir(source, "bf16").parent.name
-    dest = cache_root() / "tokenizers" / key.replace("/", "_")
-    if not (dest / "tokenizer_config.json").is_file():
-        with _quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        with atomic_path(dest, is_dir=True) as tmp:
-            tok.save_pretrained(tmp)
-    with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(dest)
-
-
-@functools.lru_cache(maxsize=1)
-def smollm2_tokenizer():
-    """The real SmolLM2 tokenizer, converted from the packaged GGUF once and cached."""
-    return gguf_tokenizer(resolve("smollm2-135m-instruct"))

@@ -16,7 +16,7 @@ TINY_PADDING_ROWS = 64
 def build_tiny(source: ModelSource):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .loading import smollm2_tokenizer
+    from .tokenizers import smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
     config = LlamaConfig(
