@@ -37,10 +37,8 @@ class DemoRow:
 
 
 def demo_threshold(pair: ModelPair, quantile: float, n_calib: int, max_new_tokens: int, console: Console) -> float:
-    safe = lambda s: s.replace("/", "_")
-    path = (
-        cache_root() / "calibrations" / f"{safe(pair.slm_name)}__{safe(pair.llm_name)}__kl_q{quantile}_n{n_calib}.json"
-    )
+    name = f"{pair.slm_name}__{pair.llm_name}__{pair.engine}__kl_q{quantile}_n{n_calib}".replace("/", "_")
+    path = cache_root() / "calibrations" / f"{name}.json"  # engines round differently: one file each
     if not path.is_file():
         console.print(f"calibrating the kl trigger on {n_calib} gsm_symbolic:calib problems (once; cached at {path})")
         calib = load_gsm_symbolic("calib", limit=n_calib)
@@ -97,7 +95,8 @@ def run_demo(
             ),
             load_learned_trigger(trigger_file),
         )
-    table = Table(title=f"{pair.slm_name} vs {pair.llm_name}: GSM8K test[0:{n}], max_new_tokens={max_new_tokens}")
+    title = f"{pair.slm_name} vs {pair.llm_name} ({pair.engine}): GSM8K test[0:{n}], max_new_tokens={max_new_tokens}"
+    table = Table(title=title)
     for col in ("policy", "correct", "tokens", "LLM forwards/token", "trigger rate", "time vs greedy"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     base = rows[0].wall_s or 1.0
