@@ -23,6 +23,7 @@ from ..errors import S2TError
 from ..eval.datasets import load_dataset
 from ..eval.prompts import math_prompt
 from ..eval.runner import read_lines
+from ..io import open_resume
 
 TOP = 64
 KS = (1, 2, 4, 8, 16, 32, 64)
@@ -71,7 +72,7 @@ def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new
     cfg = DecodeConfig(policy="greedy" if trajectory == "slm" else "llm", max_new_tokens=max_new_tokens)
     gens = generate(pair, [""] * len(prompt_ids), cfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids))
     out = []
-    for ids, g in zip(prompt_ids, gens.generations):
+    for ids, g in zip(prompt_ids, gens.generations, strict=True):
         s_lp = step_logprobs(pair.slm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
         l_lp = step_logprobs(pair.llm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
         out.append({**step_records(s_lp, l_lp), "tokens": g.token_ids})
@@ -97,14 +98,14 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     if todo:
         pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device)
         prompts = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in todo], True)
-        with Progress(disable=not progress) as bar, open(steps_path, "a") as f:
+        with Progress(disable=not progress) as bar, open_resume(steps_path) as f:
             task = bar.add_task("analyze", total=len(items), completed=len(items) - len(todo))
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start : start + cfg.batch_size]
                 recs = analyze_problems(
                     pair, prompts[start : start + cfg.batch_size], cfg.trajectory, cfg.max_new_tokens
                 )
-                for it, rec in zip(chunk, recs):
+                for it, rec in zip(chunk, recs, strict=True):
                     f.write(json.dumps({"item": it.id, **rec}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
