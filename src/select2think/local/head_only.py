@@ -46,7 +46,7 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
             part = groups[start : start + cfg.checkpoint_every]
             keys = [[g["item"], g["step"]] for g in part]
             path = out / f"{start:07d}.pt"
-            chunk = torch.load(path) if path.is_file() else None
+            chunk = torch.load(path, weights_only=True) if path.is_file() else None
             if chunk is None or chunk["keys"] != keys:
                 h, lp = [], []
                 for g in part:
