@@ -15,7 +15,6 @@ top-1 is wrong. w = 0 is the paper's head alone, starting from the model's own (
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -439,10 +438,12 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     path = Path(path)
     if not (path / "selector.json").is_file() or not (path / "reserved_rows.safetensors").is_file():
         raise S2TError(f"{path} is not a selector from `s2t train` (no selector.json or reserved_rows.safetensors)")
-    meta = json.loads((path / "selector.json").read_text())
+    meta = read_json(path / "selector.json", "selector metadata")
     head_only = bool(meta.get("head_only"))
     if not head_only and not (path / "adapter_config.json").is_file():
         raise S2TError(f"{path} is not a selector from `s2t train` (no adapter_config.json)")
+    for name in ("reserved_rows.safetensors",) + (() if head_only else ("adapter_model.safetensors",)):
+        check_safetensors(path / name, "retrain or re-copy the selector")
     if meta.get("slm") != pair.slm_name:
         raise S2TError(f"selector {path} was trained for {meta.get('slm')!r}, not {pair.slm_name!r}")
     rows = load_file(path / "reserved_rows.safetensors")
