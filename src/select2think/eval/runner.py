@@ -76,6 +76,8 @@ def parse_policy(text: str) -> PolicySpec:
             raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR[,THRESHOLDS.json][,coupled|decoupled]")
         mode = modes[0] if modes else "coupled"
         thr = files[0] if files else bundled_trigger(adapter)
+        if thr is None and not Path(adapter).is_dir():
+            raise S2TError(f"policy s2t-local: selector directory not found: {adapter}")
         if thr is None:
             raise S2TError(f"{adapter} ships no trigger: write s2t-local={adapter},THRESHOLDS.json")
         trigger = _threshold_trigger(thr)
