@@ -228,6 +228,8 @@ def calibrate_cmd(
     check_quantile(quantile)
     if limit < 1:
         raise S2TError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise S2TError(f"--batch-size must be >= 1, got {batch_size}")
     needs_llm = make_trigger(trigger).needs_llm
     ds = load_dataset(dataset, limit=limit)
     refuse_test(ds, "calibration")
@@ -236,7 +238,15 @@ def calibrate_cmd(
     pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device)
     prompts = [math_prompt(i.question) for i in ds.take(limit)]
     cal = calibrate(
-        pair, prompts, trigger, quantile, dataset, reverse_kl, max_new_tokens=max_new_tokens, batch_size=batch_size
+        pair,
+        prompts,
+        trigger,
+        quantile,
+        dataset,
+        reverse_kl,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=True,
     )
     cal.save(out)
     console.print(

@@ -84,6 +84,25 @@ def step_statistics(
     return np.concatenate(stats)
 
 
+def _in_batches(pair: ModelPair, prompts: list[str], args: tuple) -> np.ndarray:
+    """`step_statistics` one batch at a time, with progress (same values: batches decode as single rows do)."""
+    from ..progress import Progress
+
+    batch_size, parts = args[-1], []
+    with Progress(f"calibrate {args[0]}", len(prompts)) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            try:
+                parts.append(step_statistics(pair, chunk, *args))
+            except S2TError as e:
+                if "produced no steps" not in str(e):
+                    raise
+            bar.advance(len(chunk))
+    if not parts:
+        raise S2TError("calibration produced no steps: use more prompts or a larger max_new_tokens")
+    return np.concatenate(parts)
+
+
 def calibrate(
     pair: ModelPair,
     prompts: list[str],
@@ -94,11 +113,14 @@ def calibrate(
     warmup: int = 3,
     max_new_tokens: int = 512,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> Calibration:
+    """`progress`: report each batch (a bar on a terminal, a plain line every 30 s elsewhere)."""
     check_quantile(quantile)
     if trigger in ("never", "always"):
         raise S2TError(f"trigger {trigger!r} has no threshold to calibrate")
-    values = step_statistics(pair, prompts, trigger, reverse_kl, warmup, max_new_tokens, batch_size)
+    args = (trigger, reverse_kl, warmup, max_new_tokens, batch_size)
+    values = _in_batches(pair, prompts, args) if progress else step_statistics(pair, prompts, *args)
     values = values[np.isfinite(values)]
     threshold = float(np.quantile(values, quantile)) if trigger != "random" else float(quantile)
     return Calibration(
