@@ -321,6 +321,7 @@ def analyze(
 ):
     """Local sufficiency: Hit@K of the LLM's choice in the SLM's top-K at divergence points."""
     from .analysis.sufficiency import AnalyzeConfig, markdown, run_analysis
+    from .io import atomic_write
 
     cfg = AnalyzeConfig(
         slm=slm,
@@ -336,7 +337,7 @@ def analyze(
     )
     summary = run_analysis(cfg)
     text = markdown(summary)
-    Path(out, "summary.md").write_text(text)
+    atomic_write(Path(out, "summary.md"), text)
     console.print(text, markup=False)
 
 

@@ -23,7 +23,8 @@ from ..errors import S2TError
 from ..eval.datasets import load_dataset
 from ..eval.prompts import math_prompt
 from ..eval.runner import read_lines
-from ..io import open_resume
+from ..io import atomic_write, open_resume, write_json
+from ..progress import Progress
 
 TOP = 64
 KS = (1, 2, 4, 8, 16, 32, 64)
@@ -84,8 +85,6 @@ def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens
 
 
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
-    from rich.progress import Progress
-
     from ..models.pair import load_pair
 
     ds = load_dataset(cfg.dataset, limit=cfg.limit)
@@ -98,8 +97,8 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     if todo:
         pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device)
         prompts = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in todo], True)
-        with Progress(disable=not progress) as bar, open_resume(steps_path) as f:
-            task = bar.add_task("analyze", total=len(items), completed=len(items) - len(todo))
+        bar = Progress("analyze", len(items), len(items) - len(todo), progress)
+        with bar, open_resume(steps_path) as f:
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start : start + cfg.batch_size]
                 recs = analyze_problems(
@@ -109,7 +108,7 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
                     f.write(json.dumps({"item": it.id, **rec}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                bar.advance(task, len(chunk))
+                bar.advance(len(chunk))
     return summarise(out, cfg)
 
 
@@ -149,12 +148,12 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
             "hit_at_k": {k: hits[k] for k in KS},
             "hit_curve": hits,
         }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "hit_at_k.csv", "w") as f:
-        names = list(definitions)
-        f.write("k," + ",".join(names) + "\n")
-        for k in range(1, TOP + 1):
-            f.write(f"{k}," + ",".join(f"{summary['definitions'][n]['hit_curve'][k]:.4f}" for n in names) + "\n")
+    write_json(out / "summary.json", summary)
+    names = list(definitions)
+    csv = ["k," + ",".join(names)]
+    for k in range(1, TOP + 1):
+        csv.append(f"{k}," + ",".join(f"{summary['definitions'][n]['hit_curve'][k]:.4f}" for n in names))
+    atomic_write(out / "hit_at_k.csv", "\n".join(csv) + "\n")
     _plots(out, summary, rank, kl)
     return summary
 
