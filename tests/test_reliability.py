@@ -324,3 +324,17 @@ def test_progress_off_a_terminal_logs_plain_lines(monkeypatch):
     assert lines[0] == "eval x: 0/10 done, starting"
     assert lines[1].startswith("eval x: 4/10 done,") and "left" in lines[1]
     assert lines[-1].startswith("eval x: 4/10 done in")
+
+
+def test_fetch_force_removes_a_damaged_conversion_and_rebuilds(tmp_path, monkeypatch, capsys):
+    from select2think.models.cache import converted_dir
+    from select2think.models.registry import resolve
+
+    gguf = _fake_gguf_cache(tmp_path, monkeypatch, b"\x40\0\0\0\0\0\0\0{")
+    assert main(["models", "fetch", gguf, "--dtype", "fp32"]) == 2
+    assert "--force" in capsys.readouterr().err
+    _write(converted_dir(resolve(gguf), "fp32").parent / ".fp32.dead.tmp" / "x", b"left by a kill")
+    assert main(["models", "fetch", gguf, "--dtype", "fp32", "--force"]) == 2  # rebuilt from a fake GGUF: fails
+    assert "cannot read GGUF file" in capsys.readouterr().err
+    assert not converted_dir(resolve(gguf), "fp32").exists()
+    assert not list(converted_dir(resolve(gguf), "fp32").parent.iterdir())  # the killed build's leftovers too

@@ -60,7 +60,9 @@ def force_hint(name: str) -> str:
 def cache_lock(name: str):
     """Held while a cached artifact of `name` is built or checked: leftovers of killed builds can then be
     removed safely, and two processes never build the same file at once (the second waits)."""
-    return run_lock(cache_root() / "locks", f"{name.replace('/', '_')}.lock", wait=True)
+    simple = name.replace("/", "_") if len(name) < 100 else ""
+    key = simple if simple and not simple.startswith(".") else hashlib.sha256(name.encode()).hexdigest()[:24]
+    return run_lock(cache_root() / "locks", f"{key}.lock", wait=True)
 
 
 def _sidecar(path: Path) -> Path:

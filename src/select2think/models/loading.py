@@ -63,8 +63,10 @@ def _convert_gguf(source: ModelSource, dtype_name: str):
     measured sha256 is recorded beside it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_path(source)
     dest = converted_dir(source, dtype_name)
+    with cache_lock(source.name):
+        clean_tmp(dest)  # leftovers of killed conversions
+    gguf = gguf_path(source)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -72,19 +74,17 @@ def _convert_gguf(source: ModelSource, dtype_name: str):
     except Exception as e:  # a damaged GGUF fails anywhere inside the reader
         raise S2TError(f"cannot read GGUF file {gguf}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     _strip_quantizer(model)
-    with cache_lock(source.name):
-        clean_tmp(dest)
-        with atomic_path(dest, is_dir=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            meta = {
-                "source": source.name,
-                "gguf": str(gguf),
-                "gguf_sha256": measured_sha256(gguf),  # measured, not the registry's expectation
-                "dtype": dtype_name,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            write_json(tmp / "s2t_source.json", meta)
+    with cache_lock(source.name), atomic_path(dest, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {
+            "source": source.name,
+            "gguf": str(gguf),
+            "gguf_sha256": measured_sha256(gguf),  # measured, not the registry's expectation
+            "dtype": dtype_name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_json(tmp / "s2t_source.json", meta)
     return model, tokenizer
 
 
