@@ -243,6 +243,16 @@ def test_eval_refuses_results_of_a_recalibrated_same_named_threshold_file(tmp_pa
     assert "sha256 changed" in capsys.readouterr().err
 
 
+def test_eval_refuses_to_resume_on_an_edited_dataset_file(tmp_path, capsys):
+    data = _dataset(tmp_path, [{"question": "1+1?", "answer": "2"}])
+    argv = _eval(tmp_path, "--policy", "greedy", dataset=data)
+    assert main(argv) == 0
+    _dataset(tmp_path, [{"question": "2+2?", "answer": "4"}])
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "changed content" in capsys.readouterr().err
+
+
 def test_long_prompts_warn(tiny_pair, capsys):
     from select2think.eval.datasets import Item
     from select2think.eval.runner import warn_long_prompts

@@ -189,10 +189,12 @@ def check_stale(rows: list[dict], keys: dict[str, str | None], specs, results: P
         old = {r.get("inputs") for r in rows if r["policy"] == s.label}
         if old and old != {keys[s.label]}:
             files = ", ".join(filter(None, [s.threshold_file, s.adapter]))
-            raise S2TError(
-                f"{results} holds results of {s.label} made from other contents of {files} (sha256 changed): "
-                "use another --out"
+            why = (
+                "before input hashes were recorded"
+                if None in old
+                else f"from other contents of {files} (sha256 changed)"
             )
+            raise S2TError(f"{results} holds results of {s.label} made {why}: use another --out")
 
 
 def check_items(items, dataset: str) -> None:
@@ -207,19 +209,34 @@ def check_items(items, dataset: str) -> None:
             raise S2TError(f"dataset {dataset}: item {it.id!r} has no answer to grade against")
 
 
-def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
-    """The run's identity, models and versions. A resumed run keeps what earlier invocations recorded
-    (an invocation without the LLM must not drop its size, which the report's compute column needs)
-    and appends itself to `invocations` with its batch size."""
+def dataset_sha256(spec: str) -> str | None:
+    """The content hash of a local dataset file (None for named datasets, which the package pins)."""
+    return sha256_of(spec) if Path(spec).is_file() else None
+
+
+def check_config(cfg: EvalConfig, out: Path) -> dict:
+    """The run's recorded config ({} for a new run), after refusing other settings or an edited dataset."""
     path = out / "config.json"
     old = read_json(path, "run config") if path.is_file() else {}
     if old and old.get("identity") != cfg.identity():
         diff = differences(old.get("identity") or {}, cfg.identity())
         raise S2TError(f"{out} holds a run with other settings ({diff}); use another --out")
+    if old.get("dataset_sha256") and old["dataset_sha256"] != dataset_sha256(cfg.dataset):
+        raise S2TError(f"{cfg.dataset} changed content (sha256) since {out} was started; use another --out")
+    return old
+
+
+def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
+    """The run's identity, models and versions. A resumed run keeps what earlier invocations recorded
+    (an invocation without the LLM must not drop its size, which the report's compute column needs)
+    and appends itself to `invocations` with its batch size."""
+    path = out / "config.json"
+    old = check_config(cfg, out)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     labels = [s.label for s in specs]
     meta = {
         "identity": cfg.identity(),
+        "dataset_sha256": dataset_sha256(cfg.dataset),
         "policies": sorted(set(old.get("policies", [])) | set(labels)),
         "versions": _versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
@@ -346,6 +363,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     with run_lock(out):
         results = out / f"results.shard{shard_i}of{shard_n}.jsonl"
+        check_config(cfg, out)
         rows = read_jsonl(results)
         check_stale(rows, keys, specs, results)
         done = {(r["item"], r["policy"]) for r in rows}

@@ -67,6 +67,8 @@ class CollectConfig:
         content, not its name."""
         d = {k: v for k, v in asdict(self).items() if k not in ("out", "limit", "batch_size", "device")}
         d["threshold_file"] = sha256_of(self.threshold_file)
+        if Path(self.dataset).is_file():
+            d["dataset"] = sha256_of(self.dataset)  # a local file by its content
         return d
 
 
