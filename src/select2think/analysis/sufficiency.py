@@ -23,7 +23,7 @@ from ..errors import S2TError
 from ..eval.datasets import load_dataset
 from ..eval.prompts import math_prompt
 from ..eval.runner import read_lines
-from ..io import atomic_write, open_resume, write_json
+from ..io import atomic_write, open_resume, run_lock, write_json
 from ..progress import Progress
 
 TOP = 64
@@ -85,6 +85,11 @@ def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens
 
 
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
+    with run_lock(cfg.out):
+        return _run_analysis(cfg, progress)
+
+
+def _run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from ..models.pair import load_pair
 
     ds = load_dataset(cfg.dataset, limit=cfg.limit)
