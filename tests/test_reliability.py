@@ -247,6 +247,7 @@ def test_eval_refuses_to_resume_on_an_edited_dataset_file(tmp_path, capsys):
     data = _dataset(tmp_path, [{"question": "1+1?", "answer": "2"}])
     argv = _eval(tmp_path, "--policy", "greedy", dataset=data)
     assert main(argv) == 0
+    assert "1/1 done" in capsys.readouterr().err  # a plain progress line, stdout not being a terminal
     _dataset(tmp_path, [{"question": "2+2?", "answer": "4"}])
     capsys.readouterr()
     assert main(argv) == 2
@@ -348,3 +349,9 @@ def test_fetch_force_removes_a_damaged_conversion_and_rebuilds(tmp_path, monkeyp
     assert "cannot read GGUF file" in capsys.readouterr().err
     assert not converted_dir(resolve(gguf), "fp32").exists()
     assert not list(converted_dir(resolve(gguf), "fp32").parent.iterdir())  # the killed build's leftovers too
+
+
+def test_tables_get_room_off_a_terminal():
+    from select2think.cli import console
+
+    assert console.width >= 200  # pytest's stdout is not a terminal: the demo's table is not cut at 80
