@@ -27,7 +27,7 @@ from select2think.local.train import TrainConfig, load_groups, split_groups
 
 def cached_features(cfg: TrainConfig, groups: list[dict]):
     chunks = sorted(feature_dir(cfg).glob("*.pt"))
-    parts = [torch.load(p) for p in chunks]
+    parts = [torch.load(p, weights_only=True) for p in chunks]
     keys = [k for c in parts for k in c["keys"]]
     if keys != [[g["item"], g["step"]] for g in groups]:
         raise SystemExit(

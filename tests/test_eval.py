@@ -91,11 +91,11 @@ def test_parse_s2t_local_modes(tmp_path):
     assert (coupled.label, other.label) == ("s2t-local[sel,ent]", "s2t-local[sel,learned]")
 
 
-def test_read_lines_drops_a_partial_last_line(tmp_path):
+def test_read_lines_ignores_a_partial_last_line_and_never_writes(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"a": 1}\n{"a": 2}\n{"a": 3')
     assert read_lines(p) == [{"a": 1}, {"a": 2}]
-    assert p.read_text() == '{"a": 1}\n{"a": 2}\n'
+    assert p.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 3'
 
 
 def _eval_cmd(out, *extra):

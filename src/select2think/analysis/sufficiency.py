@@ -23,7 +23,9 @@ from ..errors import S2TError
 from ..eval.datasets import load_dataset
 from ..eval.prompts import math_prompt
 from ..eval.runner import read_lines
+from ..io import atomic_write, open_resume, run_lock, write_json
 from ..models.chat import encode_prompts
+from ..progress import Progress
 
 TOP = 64
 KS = (1, 2, 4, 8, 16, 32, 64)
@@ -73,7 +75,7 @@ def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new
     cfg = DecodeConfig(policy="greedy" if trajectory == "slm" else "llm", max_new_tokens=max_new_tokens)
     gens = generate(pair, [""] * len(prompt_ids), cfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids))
     out = []
-    for ids, g in zip(prompt_ids, gens.generations):
+    for ids, g in zip(prompt_ids, gens.generations, strict=True):
         s_lp, _ = step_logprobs(pair.slm, ids, g.token_ids, Vocab.of(pair))
         l_lp, _ = step_logprobs(pair.require_llm(), ids, g.token_ids, Vocab.of(pair))
         out.append({**step_records(s_lp, l_lp), "tokens": g.token_ids})
@@ -85,8 +87,11 @@ def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens
 
 
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
-    from rich.progress import Progress
+    with run_lock(cfg.out):
+        return _run_analysis(cfg, progress)
 
+
+def _run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from ..backends import load_pair
 
     ds = load_dataset(cfg.dataset, limit=cfg.limit)
@@ -99,18 +104,18 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     if todo:
         pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
         prompts = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in todo], True)
-        with Progress(disable=not progress) as bar, open(steps_path, "a") as f:
-            task = bar.add_task("analyze", total=len(items), completed=len(items) - len(todo))
+        bar = Progress("analyze", len(items), len(items) - len(todo), progress)
+        with bar, open_resume(steps_path) as f:
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start : start + cfg.batch_size]
                 recs = analyze_problems(
                     pair, prompts[start : start + cfg.batch_size], cfg.trajectory, cfg.max_new_tokens
                 )
-                for it, rec in zip(chunk, recs):
+                for it, rec in zip(chunk, recs, strict=True):
                     f.write(json.dumps({"item": it.id, **rec}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                bar.advance(task, len(chunk))
+                bar.advance(len(chunk))
     return summarise(out, cfg)
 
 
@@ -150,12 +155,12 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
             "hit_at_k": {k: hits[k] for k in KS},
             "hit_curve": hits,
         }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "hit_at_k.csv", "w") as f:
-        names = list(definitions)
-        f.write("k," + ",".join(names) + "\n")
-        for k in range(1, TOP + 1):
-            f.write(f"{k}," + ",".join(f"{summary['definitions'][n]['hit_curve'][k]:.4f}" for n in names) + "\n")
+    write_json(out / "summary.json", summary)
+    names = list(definitions)
+    csv = ["k," + ",".join(names)]
+    for k in range(1, TOP + 1):
+        csv.append(f"{k}," + ",".join(f"{summary['definitions'][n]['hit_curve'][k]:.4f}" for n in names))
+    atomic_write(out / "hit_at_k.csv", "\n".join(csv) + "\n")
     _plots(out, summary, rank, kl)
     return summary
 

@@ -44,6 +44,7 @@ class Backend(ABC):
         self.vocab_rows = vocab_rows
         self.hidden_size = hidden_size
         self.n_params = 0  # weights in the model (the report's compute column prices tokens by it)
+        self.context_length: int | None = None  # positions the model was trained for, if known
         self.want_hidden = False  # keep the final hidden states of the next forwards in `last_hidden`
         self.last_hidden: torch.Tensor | None = None  # [B, n, H] after extend, [R, K, H] after score_siblings
         self.forwards = 0

@@ -45,6 +45,7 @@ class HFBackend(Backend):
         super().__init__(vocab_rows=head.weight.shape[0], hidden_size=head.weight.shape[1])
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.reset(0)

@@ -6,7 +6,7 @@ trajectory in one forward (only for triggers that need it), and stores the chose
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,11 +39,9 @@ class Calibration:
     created: str
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        from ..io import write_json
+
+        write_json(path, asdict(self))
 
 
 def check_quantile(q: float) -> None:
@@ -89,6 +87,25 @@ def step_statistics(
     return np.concatenate(stats)
 
 
+def _in_batches(pair: ModelPair, prompts: list[str], args: tuple) -> np.ndarray:
+    """`step_statistics` one batch at a time, with progress (same values: batches decode as single rows do)."""
+    from ..progress import Progress
+
+    batch_size, parts = args[-1], []
+    with Progress(f"calibrate {args[0]}", len(prompts)) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            try:
+                parts.append(step_statistics(pair, chunk, *args))
+            except S2TError as e:
+                if "produced no steps" not in str(e):
+                    raise
+            bar.advance(len(chunk))
+    if not parts:
+        raise S2TError("calibration produced no steps: use more prompts or a larger max_new_tokens")
+    return np.concatenate(parts)
+
+
 def calibrate(
     pair: ModelPair,
     prompts: list[str],
@@ -99,11 +116,14 @@ def calibrate(
     warmup: int = 3,
     max_new_tokens: int = 512,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> Calibration:
+    """`progress`: report each batch (a bar on a terminal, a plain line every 30 s elsewhere)."""
     check_quantile(quantile)
     if trigger in ("never", "always"):
         raise S2TError(f"trigger {trigger!r} has no threshold to calibrate")
-    values = step_statistics(pair, prompts, trigger, reverse_kl, warmup, max_new_tokens, batch_size)
+    args = (trigger, reverse_kl, warmup, max_new_tokens, batch_size)
+    values = _in_batches(pair, prompts, args) if progress else step_statistics(pair, prompts, *args)
     values = values[np.isfinite(values)]
     threshold = float(np.quantile(values, quantile)) if trigger != "random" else float(quantile)
     return Calibration(
@@ -124,21 +144,25 @@ def calibrate(
 
 def load_threshold(path: str | Path, trigger: str, slm: str, llm: str | None, reverse_kl: bool = False) -> float:
     """The threshold stored by `calibrate`, after checking it was made for this trigger and pair."""
+    from ..io import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise S2TError(f"threshold file not found: {path} (make one with `s2t calibrate`)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise S2TError(f"cannot read threshold file {path}: {e}") from None
+    if not path.is_file():
+        raise S2TError(f"threshold file not found: {path} (make one with `s2t calibrate`)")
+    data = read_json(path, "threshold file")
     if not isinstance(data, dict) or "threshold" not in data or "trigger" not in data:
         raise S2TError(f"{path} is not a threshold file from `s2t calibrate`")
     if data["trigger"] != trigger:
         raise S2TError(f"{path} was calibrated for trigger {data['trigger']!r}, not {trigger!r}")
     if data.get("slm") != slm:
         raise S2TError(f"{path} was calibrated for SLM {data.get('slm')!r}, not {slm!r}")
+    value = data["threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise S2TError(f"{path}: threshold must be a finite number, got {value!r}")
+    if trigger == "kl" and llm is None:
+        raise S2TError(f"{path} holds a kl threshold, which needs the LLM it was calibrated with: pass --llm")
     if trigger == "kl" and data.get("llm") != llm:
         raise S2TError(f"{path} was calibrated for LLM {data.get('llm')!r}, not {llm!r}")
     if trigger == "kl" and bool(data.get("reverse_kl")) != reverse_kl:
         raise S2TError(f"{path} was calibrated with reverse_kl={data.get('reverse_kl')}, not {reverse_kl}")
-    return float(data["threshold"])
+    return float(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import S2TError
@@ -73,6 +74,8 @@ class DecodeConfig:
             raise S2TError(
                 f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold"
             )
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise S2TError(f"threshold must be a finite number, got {self.threshold}")
         if self.local_mode not in LOCAL_MODES:
             raise S2TError(f"unknown S2T-Local mode {self.local_mode!r}: use coupled or decoupled")
         self.stop = tuple(self.stop)

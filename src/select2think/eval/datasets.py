@@ -44,9 +44,13 @@ def _packaged(relative: str) -> Path:
 def read_jsonl(path: Path, question_field: str = "question", answer_field: str | None = "answer") -> list[dict]:
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
+        lines = raw.decode("utf-8").splitlines()
     except OSError as e:
         raise S2TError(f"cannot read dataset {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise S2TError(f"{path}:{line}: not UTF-8 text") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -130,7 +134,10 @@ def load_hf(spec: str) -> Dataset:
     a = next((f for f in ("answer", "solution", "final_answer") if f in ds.column_names), None)
     if q is None:
         raise S2TError(f"{spec} has no question/problem/prompt column: {ds.column_names}")
-    gold = lambda x: gsm8k_gold(x) if "####" in x else x
+
+    def gold(x):
+        return gsm8k_gold(x) if "####" in x else x
+
     items = tuple(Item(f"{name}-{i}", r[q], gold(str(r[a])) if a else None) for i, r in enumerate(ds))
     return Dataset(spec, split == "test", items)
 
@@ -154,13 +161,31 @@ def load_dataset(
         items = tuple(
             Item(
                 str(r.get("id", i)),
-                str(r[question_field]),
+                _question(path, i, r[question_field]),
                 None if r.get(answer_field) is None else str(r[answer_field]),
             )
             for i, r in enumerate(rows)
         )
-        return Dataset(spec, "test" in path.stem.lower(), items)
+        return check_dataset(Dataset(spec, "test" in path.stem.lower(), items))
     raise S2TError(f"unknown dataset {spec!r}: use gsm8k, aime2025, gsm_symbolic:train|calib|dev or a .jsonl file")
+
+
+def _question(path: Path, index: int, value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise S2TError(f"{path}: item {index + 1} has no question (got {value!r})")
+    return value
+
+
+def check_dataset(ds: Dataset) -> Dataset:
+    """Not empty, and no item id twice (results are keyed by it)."""
+    if not ds.items:
+        raise S2TError(f"dataset {ds.name} has no items")
+    seen = set()
+    for it in ds.items:
+        if it.id in seen:
+            raise S2TError(f"dataset {ds.name}: item id {it.id!r} appears more than once")
+        seen.add(it.id)
+    return ds
 
 
 def refuse_test(ds: Dataset, purpose: str) -> None:

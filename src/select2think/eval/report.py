@@ -8,11 +8,12 @@ costs about 8 greedy runs and the LLM alone about params(LLM)/params(SLM).
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from pathlib import Path
 
 from ..errors import S2TError
+from ..io import atomic_path, atomic_write, read_json, write_json
 from .runner import read_lines
 
 
@@ -29,7 +30,10 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def summarise(rows: list[dict], llm_cost: float | None) -> dict:
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
-    st = lambda key: sum(r["stats"][key] for r in rows)
+
+    def st(key):
+        return sum(r["stats"][key] for r in rows)
+
     gen = max(st("generated_tokens"), 1)
     lo, hi = wilson(correct, n)
     samples = sum(len(r.get("finish", [1])) for r in rows)
@@ -59,7 +63,7 @@ def build_report(run_dir: str | Path) -> dict:
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise S2TError(f"{run} is not an eval run directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path, "run config")
     models = cfg.get("models", {})
     llm_cost = (models["llm"]["params"] / models["slm"]["params"]) if "llm" in models else None
     rows: dict[tuple[str, str], dict] = {}
@@ -67,7 +71,7 @@ def build_report(run_dir: str | Path) -> dict:
         for r in read_lines(path):
             rows[(r["item"], r["policy"])] = r  # shards never overlap; a duplicate would be the same item
     by_policy: dict[str, list[dict]] = {}
-    for (item, policy), r in sorted(rows.items()):
+    for (_item, policy), r in sorted(rows.items()):
         by_policy.setdefault(policy, []).append(r)
     table = {}
     for policy in cfg.get("policies", sorted(by_policy)):
@@ -117,12 +121,13 @@ def fmt(fmt_str: str, v) -> str:
 def write_report(run_dir: str | Path) -> str:
     rep = build_report(run_dir)
     run = Path(run_dir)
-    (run / "report.json").write_text(json.dumps(rep, indent=2))
-    with open(run / "report.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["policy", "n"] + [c[0] for c in COLUMNS])
-        for name, row in rep["policies"].items():
-            w.writerow([name, row["n"]] + [row.get(c[0]) for c in COLUMNS])
+    write_json(run / "report.json", rep)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["policy", "n"] + [c[0] for c in COLUMNS])
+    for name, row in rep["policies"].items():
+        w.writerow([name, row["n"]] + [row.get(c[0]) for c in COLUMNS])
+    atomic_write(run / "report.csv", text.getvalue())
     lines = [
         f"{rep['dataset']}: SLM {rep['slm']}, LLM {rep['llm']}, max_new_tokens {rep['max_new_tokens']} "
         f"({rep['machine']})",
@@ -133,7 +138,7 @@ def write_report(run_dir: str | Path) -> str:
     for name, row in rep["policies"].items():
         lines.append(f"| {name} | {row['n']} | " + " | ".join(fmt(c[2], row.get(c[0])) for c in COLUMNS) + " |")
     md = "\n".join(lines) + "\n"
-    (run / "report.md").write_text(md)
+    atomic_write(run / "report.md", md)
     _plot(rep, run / "accuracy_vs_compute.png")
     return md
 
@@ -164,5 +169,6 @@ def _plot(rep: dict, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(f"{rep['dataset']}: {rep['slm']} / {rep['llm']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

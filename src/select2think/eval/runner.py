@@ -1,16 +1,21 @@
 """`s2t eval`: (item, policy) pairs decoded and graded, one flushed JSON line each.
 
 Rerunning the same command resumes: finished lines are skipped and a line cut by a kill is dropped.
+Results are keyed by the content (sha256) of the files a policy reads, so a recalibrated threshold file
+of the same name is never mistaken for the one that made earlier results. A lock on `--out` refuses a
+second writer.
 `--shard i/n` takes items i, i+n, i+2n, ...; each shard writes its own file and `s2t report` merges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +24,8 @@ from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
 from ..decoding.config import LOCAL_MODES, POLICIES
 from ..errors import S2TError
+from ..io import append_line, differences, open_resume, read_json, read_jsonl, run_lock, sha256_of, sync, write_json
+from ..progress import Progress
 from .datasets import load_dataset
 from .grading import extract_answer, is_correct
 from .prompts import math_prompt
@@ -36,6 +43,12 @@ class PolicySpec:
     adapter: str | None = None  # s2t-local's selector directory
     trigger: str | None = None  # the trigger the threshold file was calibrated for
     local_mode: str = "coupled"  # s2t-local: coupled | decoupled
+
+
+def _threshold_trigger(path) -> str | None:
+    """The trigger a threshold file was calibrated for (None if it is missing or not one)."""
+    data = read_json(path, "threshold file") if Path(path).is_file() else None
+    return data.get("trigger") if isinstance(data, dict) else None
 
 
 def parse_policy(text: str) -> PolicySpec:
@@ -63,9 +76,11 @@ def parse_policy(text: str) -> PolicySpec:
             raise S2TError("policy s2t-local is written s2t-local=SELECTOR_DIR[,THRESHOLDS.json][,coupled|decoupled]")
         mode = modes[0] if modes else "coupled"
         thr = files[0] if files else bundled_trigger(adapter)
+        if thr is None and not Path(adapter).is_dir():
+            raise S2TError(f"policy s2t-local: selector directory not found: {adapter}")
         if thr is None:
             raise S2TError(f"{adapter} ships no trigger: write s2t-local={adapter},THRESHOLDS.json")
-        trigger = json.loads(Path(thr).read_text()).get("trigger") if Path(thr).is_file() else None
+        trigger = _threshold_trigger(thr)
         if trigger is None:
             raise S2TError(f"threshold file not found or not from `s2t calibrate`: {thr}")
         suffix = ",decoupled" if mode == "decoupled" else ""
@@ -99,6 +114,16 @@ class EvalConfig:
     backend: str = "hf"  # hf | llama.cpp: recorded with the run (results differ in rounding between engines)
     batch_size: int = 8  # rows decoded together (maj@k puts k rows per item)
 
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise S2TError(f"--limit must be >= 1 (or left out for all items), got {self.limit}")
+        if self.offset < 0:
+            raise S2TError(f"--offset must be >= 0, got {self.offset}")
+        if self.batch_size < 1:
+            raise S2TError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise S2TError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
     def shard_index(self) -> tuple[int, int]:
         try:
             i, n = (int(x) for x in self.shard.split("/"))
@@ -125,42 +150,81 @@ def item_seed(run_seed: int, item_id: str) -> int:
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("select2think", "torch", "transformers", "math-verify"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
 def read_lines(path: Path) -> list[dict]:
-    """Finished lines; a trailing partial line (killed mid-write) is cut off the file."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    rows, good = [], 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good += len(line)
-    if good < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return rows
+    """Finished lines (a torn last line is ignored); never modifies the file. See `io.read_jsonl`."""
+    return read_jsonl(path)
+
+
+def check_inputs(spec: PolicySpec) -> None:
+    """The policy's threshold file and selector exist (checked before any model loads)."""
+    if spec.threshold_file and not Path(spec.threshold_file).is_file():
+        raise S2TError(f"policy {spec.label}: threshold file not found: {spec.threshold_file}")
+    if spec.adapter and not Path(spec.adapter).is_dir():
+        raise S2TError(f"policy {spec.label}: selector directory not found: {spec.adapter}")
 
 
 def _fingerprint(spec) -> dict:
     """sha256 of the files a policy reads besides the models (thresholds, a selector's weights), so that a
     run records which selector or calibration produced it, not just their names."""
-    from ..models.cache import sha256_of
-
     paths = [Path(spec.threshold_file)] if spec.threshold_file else []
     if spec.adapter:
         paths += sorted(p for p in Path(spec.adapter).iterdir() if p.is_file())
     return {str(p): sha256_of(p) for p in dict.fromkeys(paths)}  # a bundle's own trigger is listed once
+
+
+def inputs_key(fingerprint: dict) -> str | None:
+    """One hash of the inputs' contents (their names left out); None for a policy that reads no file."""
+    if not fingerprint:
+        return None
+    return hashlib.sha256(json.dumps(sorted(fingerprint.values())).encode()).hexdigest()[:16]
+
+
+def check_stale(rows: list[dict], keys: dict[str, str | None], specs, results: Path) -> None:
+    """Refuse to resume a policy whose files changed content since its earlier results were written."""
+    for s in specs:
+        old = {r.get("inputs") for r in rows if r["policy"] == s.label}
+        if old and old != {keys[s.label]}:
+            files = ", ".join(filter(None, [s.threshold_file, s.adapter]))
+            why = (
+                "before input hashes were recorded"
+                if None in old
+                else f"from other contents of {files} (sha256 changed)"
+            )
+            raise S2TError(f"{results} holds results of {s.label} made {why}: use another --out")
+
+
+def check_items(items, dataset: str) -> None:
+    if not items:
+        raise S2TError(f"dataset {dataset} gives no items for this --limit/--offset")
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise S2TError(f"dataset {dataset}: item id {dup!r} appears more than once")
+    for it in items:
+        if it.answer is None or not str(it.answer).strip():
+            raise S2TError(f"dataset {dataset}: item {it.id!r} has no answer to grade against")
+
+
+def dataset_sha256(spec: str) -> str | None:
+    """The content hash of a local dataset file (None for named datasets, which the package pins)."""
+    return sha256_of(spec) if Path(spec).is_file() else None
+
+
+def check_config(cfg: EvalConfig, out: Path) -> dict:
+    """The run's recorded config ({} for a new run), after refusing other settings or an edited dataset."""
+    path = out / "config.json"
+    old = read_json(path, "run config") if path.is_file() else {}
+    if old and old.get("identity") != cfg.identity():
+        diff = differences(old.get("identity") or {}, cfg.identity())
+        raise S2TError(f"{out} holds a run with other settings ({diff}); use another --out")
+    if old.get("dataset_sha256") and old["dataset_sha256"] != dataset_sha256(cfg.dataset):
+        raise S2TError(f"{cfg.dataset} changed content (sha256) since {out} was started; use another --out")
+    return old
 
 
 def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
@@ -168,26 +232,25 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
     (an invocation without the LLM must not drop its size, which the report's compute column needs)
     and appends itself to `invocations` with its batch size."""
     path = out / "config.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    if old and old.get("identity") != cfg.identity():
-        raise S2TError(f"{out} holds a run with a different configuration; use another --out")
+    old = check_config(cfg, out)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     labels = [s.label for s in specs]
     meta = {
         "identity": cfg.identity(),
+        "dataset_sha256": dataset_sha256(cfg.dataset),
         "policies": sorted(set(old.get("policies", [])) | set(labels)),
         "versions": _versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "started": old.get("started", now),
         "models": dict(old.get("models", {})),
-        "invocations": old.get("invocations", [])
-        + [
+        "invocations": [
+            *old.get("invocations", []),
             {
                 "at": now,
                 "policies": labels,
                 "batch_size": cfg.batch_size,
                 "inputs": {s.label: _fingerprint(s) for s in specs if s.threshold_file or s.adapter},
-            }
+            },
         ],
     }
     for role, model in (("slm", pair.slm), ("llm", pair.llm)):
@@ -199,9 +262,7 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
             "sha256": getattr(src, "sha256", None),
             "params": model.n_params,
         }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(path)
+    write_json(path, meta)
 
 
 COST_KEYS = (
@@ -263,6 +324,23 @@ def run_policy_on_items(
     return out
 
 
+def warn_long_prompts(pair, items, max_new_tokens: int) -> None:
+    """A warning on stderr when prompts plus the generation budget exceed the SLM's context."""
+    from ..models.chat import encode_prompts
+
+    ctx = pair.slm.context_length
+    if not ctx:
+        return
+    lengths = [len(ids) for ids in encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in items], True)]
+    long = [n for n in lengths if n + max_new_tokens > ctx]
+    if long:
+        print(
+            f"warning: {len(long)} of {len(items)} prompts plus max_new_tokens {max_new_tokens} exceed the "
+            f"SLM's context of {ctx} tokens (longest prompt {max(long)} tokens)",
+            file=sys.stderr,
+        )
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     from ..backends import load_pair
 
@@ -270,47 +348,50 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     if len({s.label for s in specs}) != len(specs):
         raise S2TError("the same policy is listed twice")
     shard_i, shard_n = cfg.shard_index()
-    ds = load_dataset(cfg.dataset, limit=cfg.limit)
-    items = ds.take(cfg.limit, cfg.offset)
-    items = [it for idx, it in enumerate(items) if idx % shard_n == shard_i]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / f"results.shard{shard_i}of{shard_n}.jsonl"
-    done = {(r["item"], r["policy"]) for r in read_lines(results)}
-    todo = [(it, s) for it in items for s in specs if (it.id, s.label) not in done]
     needs_llm = any(POLICIES[s.policy].needs_llm for s in specs)
     if needs_llm and not cfg.llm:
         raise S2TError("these policies need --llm")
-    pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
-    _write_config(cfg, out, pair, specs)
+    for s in specs:
+        check_inputs(s)
     thresholds = {
         s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file
     }
-    pairs = {s.label: pair for s in specs}
-    heads = {}
-    for s in specs:
-        if s.trigger == "learned":
-            from ..local.trigger_head import load_learned_trigger
-
-            heads[s.label] = load_learned_trigger(s.threshold_file)
-    for s in specs:
-        if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
-            from ..local.train import apply_selector
-
-            pairs[s.label] = apply_selector(
-                load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend),
-                s.adapter,
-                mode=s.local_mode,
-            )
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress
-    ) as bar:
-        task = bar.add_task(
-            f"eval {cfg.dataset}", total=len(items) * len(specs), completed=len(items) * len(specs) - len(todo)
+    keys = {s.label: inputs_key(_fingerprint(s)) for s in specs}
+    ds = load_dataset(cfg.dataset, limit=cfg.limit)
+    items = ds.take(cfg.limit, cfg.offset)
+    check_items(items, cfg.dataset)
+    items = [it for idx, it in enumerate(items) if idx % shard_n == shard_i]
+    out = Path(cfg.out)
+    with run_lock(out):
+        results = out / f"results.shard{shard_i}of{shard_n}.jsonl"
+        check_config(cfg, out)
+        rows = read_jsonl(results)
+        check_stale(rows, keys, specs, results)
+        done = {(r["item"], r["policy"]) for r in rows}
+        todo = [(it, s) for it in items for s in specs if (it.id, s.label) not in done]
+        pair = load_pair(
+            cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend
         )
-        with open(results, "a") as f:
+        _write_config(cfg, out, pair, specs)
+        warn_long_prompts(pair, [it for it, _ in todo], cfg.max_new_tokens)
+        pairs = {s.label: pair for s in specs}
+        heads = {}
+        for s in specs:
+            if s.trigger == "learned":
+                from ..local.trigger_head import load_learned_trigger
+
+                heads[s.label] = load_learned_trigger(s.threshold_file)
+        for s in specs:
+            if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
+                from ..local.train import apply_selector
+
+                pairs[s.label] = apply_selector(
+                    load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend),
+                    s.adapter,
+                    mode=s.local_mode,
+                )
+        total = len(items) * len(specs)
+        with Progress(f"eval {cfg.dataset}", total, total - len(todo), progress) as bar, open_resume(results) as f:
             for spec in specs:
                 pending = [it for it, s in todo if s is spec]
                 per_batch = max(1, cfg.batch_size // spec.samples)
@@ -319,8 +400,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
                     for row in run_policy_on_items(
                         pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label), heads.get(spec.label)
                     ):
-                        f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                    bar.advance(task, len(chunk))
+                        append_line(f, {**row, "inputs": keys[spec.label]} if keys[spec.label] else row)
+                    sync(f)
+                    bar.advance(len(chunk))
     return out

@@ -7,11 +7,10 @@ the default pair's selector fits in the repository. `s2t-local=BUNDLE` then need
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from ..errors import S2TError
+from ..io import atomic_path, atomic_write, check_safetensors, read_json, write_json
 from ..models.loading import parse_dtype
 
 TRIGGER = "trigger.json"
@@ -25,25 +24,30 @@ def export_bundle(selector: str | Path, trigger: str | Path, out: str | Path, dt
     for need in ("reserved_rows.safetensors", "selector.json"):
         if not (selector / need).is_file():
             raise S2TError(f"{selector} is not a selector from `s2t train` (no {need})")
-    head_only = bool(json.loads((selector / "selector.json").read_text()).get("head_only"))
+    sel_meta = read_json(selector / "selector.json", "selector metadata")
+    head_only = bool(sel_meta.get("head_only"))
     for need in () if head_only else ("adapter_config.json", "adapter_model.safetensors"):
         if not (selector / need).is_file():
             raise S2TError(f"{selector} is not a selector from `s2t train` (no {need})")
-    meta = json.loads(trigger.read_text()) if trigger.is_file() else {}
-    if meta.get("trigger") != "learned" or not (trigger.parent / meta.get("head", "")).is_file():
+    meta = read_json(trigger, "trigger file") if trigger.is_file() else {}
+    if (
+        not isinstance(meta, dict)
+        or meta.get("trigger") != "learned"
+        or not (trigger.parent / meta.get("head", "")).is_file()
+    ):
         raise S2TError(f"{trigger} is not a learned trigger from `s2t train-trigger`")
-    sel_meta = json.loads((selector / "selector.json").read_text())
     if meta.get("slm") != sel_meta.get("slm"):
         raise S2TError(f"the trigger was trained for {meta.get('slm')!r}, the selector for {sel_meta.get('slm')!r}")
     torch_dtype = parse_dtype(dtype)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("reserved_rows.safetensors", "selector.json") + (() if head_only else ("adapter_config.json",)):
-        shutil.copyfile(selector / name, out / name)
+        atomic_write(out / name, (selector / name).read_bytes())
     if not head_only:
-        lora = load_file(selector / "adapter_model.safetensors")
-        save_file({k: v.to(torch_dtype).contiguous() for k, v in lora.items()}, out / "adapter_model.safetensors")
-    shutil.copyfile(trigger.parent / meta["head"], out / "trigger.safetensors")
-    (out / TRIGGER).write_text(json.dumps({**meta, "head": "trigger.safetensors"}, indent=2))
+        lora = load_file(check_safetensors(selector / "adapter_model.safetensors"))
+        with atomic_path(out / "adapter_model.safetensors") as tmp:
+            save_file({k: v.to(torch_dtype).contiguous() for k, v in lora.items()}, tmp)
+    atomic_write(out / "trigger.safetensors", (trigger.parent / meta["head"]).read_bytes())
+    write_json(out / TRIGGER, {**meta, "head": "trigger.safetensors"})
     return out
 
 

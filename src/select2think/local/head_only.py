@@ -13,13 +13,13 @@ score stays an unbiased estimate. The selector has no adapter: its
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from ..decoding.local_scorer import reserved_scores, with_prior
+from ..io import atomic_path, write_json
 from .train import TIED, TrainConfig, candidate_hidden, selection_loss, spearman
 
 FEATURES = "head_features"
@@ -46,7 +46,7 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
             part = groups[start : start + cfg.checkpoint_every]
             keys = [[g["item"], g["step"]] for g in part]
             path = out / f"{start:07d}.pt"
-            chunk = torch.load(path) if path.is_file() else None
+            chunk = torch.load(path, weights_only=True) if path.is_file() else None
             if chunk is None or chunk["keys"] != keys:
                 h, lp = [], []
                 for g in part:
@@ -56,9 +56,8 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
                     lp.append(prefix[torch.tensor(g["candidates"], device=prefix.device)])
                     bar.advance(task)
                 chunk = {"keys": keys, "hidden": torch.stack(h).cpu(), "logp": torch.stack(lp).cpu()}
-                tmp = path.with_suffix(".tmp")
-                torch.save(chunk, tmp)
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    torch.save(chunk, tmp)
             else:
                 bar.advance(task, len(part))
             hidden.append(chunk["hidden"])
@@ -80,7 +79,7 @@ def head_metrics(rows, hidden, logp, q, prior_weight) -> dict:
     return {
         "agree_at_1": float((s.argmax(-1) == q.argmax(-1)).float().sum()) / n,
         "slm_top1_agree": float((q.argmax(-1) == 0).float().sum()) / n,
-        "spearman": sum(spearman(a, b) for a, b in zip(s, q)) / n,
+        "spearman": sum(spearman(a, b) for a, b in zip(s, q, strict=True)) / n,
         "tied": float(((head.max(-1).values - head.min(-1).values) < TIED).float().sum()) / n,
         "n": len(q),
     }
@@ -123,17 +122,16 @@ def fit_head_only(
     rows = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
     history = [{"epoch": 0, "train_loss": None, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}]
     best_epoch, best_rows = 0, rows.clone()
-    for epoch, rows, loss in train_rows(rows, hidden, logp, q, tr, cfg):
+    for epoch, trained, loss in train_rows(rows, hidden, logp, q, tr, cfg):
         history.append(
-            {"epoch": epoch, "train_loss": loss, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}
+            {"epoch": epoch, "train_loss": loss, **head_metrics(trained, hidden[va], logp[va], q[va], cfg.prior_weight)}
         )
         if cfg.keep == "last" or history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
-            best_epoch, best_rows = epoch, rows.detach().clone()
+            best_epoch, best_rows = epoch, trained.detach().clone()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"reserved_ids": torch.tensor(reserved), "weight": best_rows.contiguous()}, out / "reserved_rows.safetensors"
-    )
+    with atomic_path(out / "reserved_rows.safetensors") as tmp:
+        save_file({"reserved_ids": torch.tensor(reserved), "weight": best_rows.contiguous()}, tmp)
     from dataclasses import asdict
 
     meta = {
@@ -147,5 +145,5 @@ def fit_head_only(
         "val_groups": len(val),
         "history": history,
     }
-    (out / "selector.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "selector.json", meta)
     return {"history": history, "best_epoch": best_epoch, "seconds": time.perf_counter() - t0}

@@ -15,7 +15,6 @@ top-1 is wrong. w = 0 is the paper's head alone, starting from the model's own (
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from ..decoding.config import LOCAL_MODES
 from ..decoding.local_scorer import score_from_logits, with_prior
 from ..errors import S2TError
 from ..eval.runner import read_lines
+from ..io import atomic_path, check_safetensors, differences, read_json, run_lock, sha256_of, write_json
 from .split import validation_problems
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,7 +111,7 @@ def candidate_hidden(
         ids, pos, mask = tree_batch(context, cands, device, dtype)
         hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
         return hidden[-K - 1 :] if with_prefix else hidden[-K:]
-    batch = torch.tensor([context + [c] for c in cands], device=device)
+    batch = torch.tensor([[*context, c] for c in cands], device=device)
     out = backbone(input_ids=batch).last_hidden_state
     return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
 
@@ -217,7 +217,7 @@ def save_selector(model, rows: ReservedRows, reserved, out: Path, meta: dict) ->
         {"reserved_ids": torch.tensor(reserved), "weight": rows.weight.detach().float().contiguous()},
         out / "reserved_rows.safetensors",
     )
-    (out / "selector.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "selector.json", meta)
 
 
 TIED = 1e-3  # a group whose K scores all lie within this is tied: argmax falls back to the SLM's top-1
@@ -256,12 +256,111 @@ def split_groups(groups: list[dict], cfg: TrainConfig) -> tuple[list[dict], list
     return train, [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
 
 
+STATE_JSON, STATE_TENSORS, LEGACY_STATE = "train_state.json", "train_state.safetensors", "train_state.pt"
+RESUME_FREE = ("out", "device", "epochs", "checkpoint_every")  # may change between a run and its resumption
+
+
+def train_identity(cfg: TrainConfig) -> dict:
+    """What a resumed run must share with the run that wrote the state: every setting that changes the
+    result, the groups by their content (sha256), not the directory's name."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE and k != "groups"}
+    return {**d, "groups_sha256": sha256_of(Path(cfg.groups) / "groups.jsonl")}
+
+
+def check_resume(cfg: TrainConfig) -> dict | None:
+    """The saved state's JSON half if `cfg.out` holds one made with the same settings; None for a fresh
+    run; an S2TError naming the differences otherwise. A pickled state (older versions) is never loaded."""
+    out = Path(cfg.out)
+    if (out / LEGACY_STATE).exists():
+        raise S2TError(
+            f"{out / LEGACY_STATE} is a pickled training state from an older version; it is never loaded "
+            "(unpickling can run code): delete it to start over, or use another --out"
+        )
+    if not (out / STATE_JSON).is_file():
+        return None
+    meta = read_json(out / STATE_JSON, "training state")
+    if not isinstance(meta, dict) or "identity" not in meta:
+        raise S2TError(f"{out / STATE_JSON} is not a training state from `s2t train`")
+    diff = differences(meta["identity"], train_identity(cfg))
+    if diff:
+        raise S2TError(
+            f"{out} holds a training run with other settings ({diff}): use the same settings or another --out"
+        )
+    return meta
+
+
+def save_state(out: Path, opt, scalars: dict) -> None:
+    """Optimizer state and RNG as safetensors, everything else as JSON (no pickle)."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors = {"rng": torch.get_rng_state()}
+    plain = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{i}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain[f"{i}.{k}"] = v
+    with atomic_path(out / STATE_TENSORS) as tmp:
+        save_file(tensors, tmp)
+    files = ("adapter_model.safetensors", "reserved_rows.safetensors", STATE_TENSORS)
+    hashes = {f: sha256_of(out / f) for f in files}
+    write_json(out / STATE_JSON, {**scalars, "param_groups": sd["param_groups"], "scalars": plain, "sha256": hashes})
+
+
+def load_state(out: Path, opt, meta: dict) -> None:
+    from safetensors.torch import load_file
+
+    hint = "the checkpoint is damaged: delete it to start over, or use another --out"
+    tensors = load_file(check_safetensors(out / STATE_TENSORS, hint))
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optimizer."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    try:
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise S2TError(f"{out / STATE_JSON} does not fit this model's optimizer ({e}); {hint}") from None
+    torch.set_rng_state(tensors["rng"])
+
+
+def load_checkpoint(out: Path, model, rows, meta: dict) -> None:
+    """The adapter and reserved rows a checkpoint saved, after checking they are the files it saved."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    hint = "the checkpoint is damaged: delete it to start over, or use another --out"
+    for name, digest in meta.get("sha256", {}).items():
+        check_safetensors(out / name, hint)
+        if sha256_of(out / name) != digest:
+            raise S2TError(f"{out / name} changed since the checkpoint was written; {hint}")
+    try:
+        set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
+        saved = load_file(out / "reserved_rows.safetensors")["weight"]
+        with torch.no_grad():
+            rows.weight.copy_(saved)
+    except (RuntimeError, KeyError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise S2TError(f"the checkpoint in {out} does not fit this model ({first}); {hint}") from None
+
+
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
+    with run_lock(cfg.out):
+        return _run_train(cfg, progress)
+
+
+def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     from rich.progress import Progress
 
     from ..backends import load_pair
 
     groups = load_groups(cfg.groups, cfg.max_groups)
+    saved = None if cfg.head_only else check_resume(cfg)
     pair = load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device)
     if not pair.reserved_ids:
         raise S2TError(f"{cfg.slm} has no reserved ids for the score head")
@@ -275,7 +374,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     model, rows = prepare_model(pair.slm_module(), reserved, cfg)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
-    params = lora + [rows.weight]
+    params = [*lora, rows.weight]
     opt = torch.optim.AdamW(
         [
             {"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
@@ -283,19 +382,12 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         ]
     )
     out = Path(cfg.out)
-    state_path = out / "train_state.pt"
     epoch, step, total, history = 0, 0, 0.0, []
-    if state_path.is_file():  # resume, mid-epoch included
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = torch.load(state_path, weights_only=False)
-        set_peft_model_state_dict(model, load_file(out / "adapter_model.safetensors"))
-        with torch.no_grad():
-            rows.weight.copy_(load_file(out / "reserved_rows.safetensors")["weight"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        epoch, step, total, history = state["epoch"], state.get("step", 0), state.get("total", 0.0), state["history"]
+    if saved is not None:  # resume, mid-epoch included
+        load_checkpoint(out, model, rows, saved)
+        load_state(out, opt, saved)
+        epoch, step, total, history = saved["epoch"], saved["step"], saved["total"], saved["history"]
+    identity = train_identity(cfg)
     meta = {
         "slm": cfg.slm,
         "reserved_ids": list(reserved),
@@ -307,19 +399,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     def checkpoint():
         save_selector(model, rows, reserved, out, {**meta, "history": history})
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "optimizer": opt.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "total": total,
-                "history": history,
-                "rng": torch.get_rng_state(),
-            },
-            tmp,
-        )
-        tmp.replace(state_path)
+        save_state(out, opt, {"identity": identity, "epoch": epoch, "step": step, "total": total, "history": history})
 
     if not history:  # the untrained head, for reference
         history.append({"epoch": 0, "train_loss": None, **evaluate(model, val, reserved, pair.vocab_size, cfg)})
@@ -358,10 +438,12 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     path = Path(path)
     if not (path / "selector.json").is_file() or not (path / "reserved_rows.safetensors").is_file():
         raise S2TError(f"{path} is not a selector from `s2t train` (no selector.json or reserved_rows.safetensors)")
-    meta = json.loads((path / "selector.json").read_text())
+    meta = read_json(path / "selector.json", "selector metadata")
     head_only = bool(meta.get("head_only"))
     if not head_only and not (path / "adapter_config.json").is_file():
         raise S2TError(f"{path} is not a selector from `s2t train` (no adapter_config.json)")
+    for name in ("reserved_rows.safetensors",) + (() if head_only else ("adapter_model.safetensors",)):
+        check_safetensors(path / name, "retrain or re-copy the selector")
     if meta.get("slm") != pair.slm_name:
         raise S2TError(f"selector {path} was trained for {meta.get('slm')!r}, not {pair.slm_name!r}")
     rows = load_file(path / "reserved_rows.safetensors")

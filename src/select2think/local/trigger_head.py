@@ -4,7 +4,6 @@ rate are the baselines. The result is a JSON file usable wherever a threshold fi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from ..decoding.triggers import LearnedTrigger
 from ..errors import S2TError
+from ..io import atomic_path, check_safetensors, read_json, write_json
 from .split import validation_problems
 
 
@@ -84,21 +84,18 @@ def train_trigger_head(
     from safetensors.torch import save_file
 
     weights = out.with_suffix(".safetensors")
-    save_file({"weight": w.detach(), "bias": b.detach(), "mean": mean, "std": std}, weights)
-    out.write_text(
-        json.dumps(
-            {
-                "trigger": "learned",
-                "threshold": threshold,
-                "slm": slm,
-                "llm": "",
-                "head": weights.name,
-                "quantile": 1 - rate,
-                "metrics": metrics,
-            },
-            indent=2,
-        )
-    )
+    with atomic_path(weights) as tmp:
+        save_file({"weight": w.detach(), "bias": b.detach(), "mean": mean, "std": std}, tmp)
+    meta = {
+        "trigger": "learned",
+        "threshold": threshold,
+        "slm": slm,
+        "llm": "",
+        "head": weights.name,
+        "quantile": 1 - rate,
+        "metrics": metrics,
+    }
+    write_json(out, meta)
     return metrics
 
 
@@ -106,8 +103,8 @@ def load_learned_trigger(path: str | Path) -> LearnedTrigger:
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = json.loads(path.read_text())
-    if meta.get("trigger") != "learned" or "head" not in meta:
+    meta = read_json(path, "trigger file")
+    if not isinstance(meta, dict) or meta.get("trigger") != "learned" or "head" not in meta:
         raise S2TError(f"{path} is not a learned trigger from `s2t train-trigger`")
-    t = load_file(path.parent / meta["head"])
+    t = load_file(check_safetensors(path.parent / meta["head"]))
     return LearnedTrigger(t["weight"], t["bias"], t["mean"], t["std"])
