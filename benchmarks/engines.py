@@ -17,11 +17,11 @@ import time
 import torch
 
 from select2think import DecodeConfig, generate, load_pair
+from select2think.data.datasets import load_dataset
+from select2think.data.prompts import math_prompt
 from select2think.decoding.calibrate import calibrate
 from select2think.decoding.teacher import step_logprobs
 from select2think.decoding.vocab import Vocab
-from select2think.eval.datasets import load_dataset
-from select2think.eval.prompts import math_prompt
 from select2think.models.chat import encode_prompts
 
 SLM, LLM = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from select2think import DecodeConfig, generate, load_pair
+from select2think.data.datasets import load_dataset, load_gsm_symbolic
+from select2think.data.prompts import math_prompt
 from select2think.decoding.calibrate import calibrate, load_threshold
-from select2think.eval.datasets import load_dataset, load_gsm_symbolic
-from select2think.eval.prompts import math_prompt
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from select2think.local.head_only import feature_dir, head_metrics, train_rows
-from select2think.local.train import TrainConfig, load_groups, split_groups
+from select2think.local.objective import TrainConfig, load_groups, split_groups
 
 
 def cached_features(cfg: TrainConfig, groups: list[dict]):

@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 from select2think import DecodeConfig, generate, load_pair
+from select2think.data.datasets import load_dataset, load_gsm_symbolic
+from select2think.data.prompts import math_prompt
 from select2think.decoding.calibrate import calibrate, load_threshold
-from select2think.eval.datasets import load_dataset, load_gsm_symbolic
-from select2think.eval.prompts import math_prompt
 from select2think.local.bundle import bundled_trigger, shipped_bundle
-from select2think.local.train import TrainConfig, apply_selector, group_loss, prepare_model
+from select2think.local.objective import TrainConfig, group_loss
+from select2think.local.selector import apply_selector
+from select2think.local.train import prepare_model
 from select2think.local.trigger_head import load_learned_trigger
 
 

@@ -8,10 +8,11 @@ import time
 import pytest
 
 from select2think import S2TError
-from select2think.eval.datasets import load_dataset, load_gsm_symbolic, refuse_test
+from select2think.data.datasets import load_dataset, load_gsm_symbolic, refuse_test
 from select2think.eval.grading import extract_answer, is_correct, last_boxed
-from select2think.eval.runner import parse_policy, read_lines
+from select2think.eval.runner import parse_policy
 from select2think.eval.vote import majority, normalise, pass_at_k
+from select2think.io import read_jsonl as read_lines
 
 
 @pytest.mark.parametrize(

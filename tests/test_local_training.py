@@ -7,15 +7,9 @@ from safetensors.torch import load_file
 from select2think import DecodeConfig, generate, load_pair
 from select2think.decoding.calibrate import calibrate
 from select2think.local.collect import CollectConfig, run_collect
-from select2think.local.train import (
-    TrainConfig,
-    apply_selector,
-    candidate_logits,
-    group_loss,
-    load_groups,
-    prepare_model,
-    run_train,
-)
+from select2think.local.objective import TrainConfig, candidate_logits, group_loss, load_groups
+from select2think.local.selector import apply_selector
+from select2think.local.train import prepare_model, run_train
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +119,7 @@ def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_p
 
 def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tiny_pair):
     from select2think.cli import main
-    from select2think.eval.runner import read_lines
+    from select2think.io import read_jsonl as read_lines
 
     sel = tmp_path / "sel"
     run_train(
@@ -281,7 +275,7 @@ def test_train_cli_prints_the_untrained_and_trained_agreement(collected, tmp_pat
 
 def test_bundle_ships_selector_and_trigger_and_decodes_with_no_threshold_file(collected, tmp_path, capsys):
     from select2think.cli import main
-    from select2think.eval.runner import read_lines
+    from select2think.io import read_jsonl as read_lines
     from select2think.local.trigger_head import train_trigger_head
 
     run_train(
@@ -443,7 +437,9 @@ def test_validation_flags_a_collapsed_score_head(collected):
 
 
 def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(collected, tmp_path):
-    from select2think.local.train import evaluate, group_scores, save_selector
+    from select2think.local.objective import group_scores
+    from select2think.local.selector import save_selector
+    from select2think.local.train import evaluate
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     cfg = TrainConfig(slm="tiny-slm", groups="", out="")
@@ -527,7 +523,8 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     assert (rows.abs().sum() > 0) == (res["best_epoch"] > 0)  # zero rows = the untrained selector was kept
     assert len(list(feature_dir(cfg(out)).glob("*.pt"))) == 3  # 12 groups in chunks of 5
     # the cached features are what the backbone computes: the head scores them as evaluate() does
-    from select2think.local.train import evaluate, split_groups
+    from select2think.local.objective import split_groups
+    from select2think.local.train import evaluate
 
     pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     model, r = prepare_model(pair.slm_module(), pair.reserved_ids, TrainConfig(slm="tiny-slm", groups="", out=""))

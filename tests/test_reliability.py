@@ -255,7 +255,7 @@ def test_eval_refuses_to_resume_on_an_edited_dataset_file(tmp_path, capsys):
 
 
 def test_long_prompts_warn(tiny_pair, capsys):
-    from select2think.eval.datasets import Item
+    from select2think.data.datasets import Item
     from select2think.eval.runner import warn_long_prompts
 
     old = tiny_pair.slm.context_length

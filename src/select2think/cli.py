@@ -172,7 +172,7 @@ def generate(
         raise S2TError(f"policy {policy!r} needs --llm")
     pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device, backend=backend)
     if policy == "s2t-local":
-        from .local.train import apply_selector
+        from .local.selector import apply_selector
 
         apply_selector(pair, adapter, mode=local_mode)
     printed = [0]
@@ -224,10 +224,10 @@ def calibrate_cmd(
 ):
     """Write a trigger threshold: the quantile of its statistic under greedy SLM decoding."""
     from .backends import load_pair
+    from .data.datasets import load_dataset, refuse_test
+    from .data.prompts import math_prompt
     from .decoding.calibrate import calibrate, check_quantile
     from .decoding.triggers import make_trigger
-    from .eval.datasets import load_dataset, refuse_test
-    from .eval.prompts import math_prompt
 
     check_quantile(quantile)
     if limit < 1:
@@ -366,7 +366,7 @@ def collect(
 ):
     """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups."""
     from .local.collect import CollectConfig, run_collect
-    from .local.train import load_groups
+    from .local.objective import load_groups
 
     run_collect(
         CollectConfig(
@@ -416,7 +416,8 @@ def train(
     device: str = DEVICE,
 ):
     """Train the S2T-Local selector: LoRA plus the 16 reserved lm_head rows."""
-    from .local.train import TrainConfig, run_train
+    from .local.objective import TrainConfig
+    from .local.train import run_train
 
     res = run_train(
         TrainConfig(

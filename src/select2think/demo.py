@@ -12,13 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .backends.pair import ModelPair
+from .data.datasets import load_dataset, load_gsm_symbolic
+from .data.prompts import math_prompt
 from .decoding import DecodeConfig, generate
 from .decoding.calibrate import calibrate, load_threshold
-from .eval.datasets import load_dataset, load_gsm_symbolic
 from .eval.grading import extract_answer, is_correct
-from .eval.prompts import math_prompt
 from .local.bundle import bundled_trigger, shipped_bundle
-from .local.train import apply_selector
+from .local.selector import apply_selector
 from .local.trigger_head import load_learned_trigger
 from .models.cache import cache_root
 

@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.datasets import load_dataset
+from ..data.prompts import math_prompt
 from ..decoding import DecodeConfig, generate
 from ..decoding.teacher import step_logprobs
 from ..decoding.triggers import EntropyTrigger, KLTrigger, MarginTrigger
 from ..decoding.vocab import Vocab
 from ..errors import S2TError
-from ..eval.datasets import load_dataset
-from ..eval.prompts import math_prompt
-from ..eval.runner import read_lines
-from ..io import atomic_write, open_resume, run_lock, write_json
+from ..io import atomic_write, open_resume, read_jsonl, run_lock, write_json
 from ..models.chat import encode_prompts
 from ..progress import Progress
 
@@ -99,7 +98,7 @@ def _run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     steps_path = out / "steps.jsonl"
-    done = {r["item"] for r in read_lines(steps_path)}
+    done = {r["item"] for r in read_jsonl(steps_path)}
     todo = [it for it in items if it.id not in done]
     if todo:
         pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
@@ -120,7 +119,7 @@ def _run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
 
 
 def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
-    rows = read_lines(out / "steps.jsonl")
+    rows = read_jsonl(out / "steps.jsonl")
     if not rows:
         raise S2TError(f"no analysed steps in {out}")
     cols = {

@@ -13,8 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import S2TError
-from ..io import atomic_path, atomic_write, read_json, write_json
-from .runner import read_lines
+from ..io import atomic_path, atomic_write, read_json, read_jsonl, write_json
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -68,7 +67,7 @@ def build_report(run_dir: str | Path) -> dict:
     llm_cost = (models["llm"]["params"] / models["slm"]["params"]) if "llm" in models else None
     rows: dict[tuple[str, str], dict] = {}
     for path in sorted(run.glob("results.shard*.jsonl")):
-        for r in read_lines(path):
+        for r in read_jsonl(path):
             rows[(r["item"], r["policy"])] = r  # shards never overlap; a duplicate would be the same item
     by_policy: dict[str, list[dict]] = {}
     for (_item, policy), r in sorted(rows.items()):

@@ -20,15 +20,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.datasets import load_dataset
+from ..data.prompts import math_prompt
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
 from ..decoding.config import LOCAL_MODES, POLICIES
 from ..errors import S2TError
 from ..io import append_line, differences, open_resume, read_json, read_jsonl, run_lock, sha256_of, sync, write_json
 from ..progress import Progress
-from .datasets import load_dataset
 from .grading import extract_answer, is_correct
-from .prompts import math_prompt
 from .vote import majority, pass_at_k
 
 BASE_POLICIES = tuple(POLICIES)
@@ -153,11 +153,6 @@ def _versions() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
-
-
-def read_lines(path: Path) -> list[dict]:
-    """Finished lines (a torn last line is ignored); never modifies the file. See `io.read_jsonl`."""
-    return read_jsonl(path)
 
 
 def check_inputs(spec: PolicySpec) -> None:
@@ -383,7 +378,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
                 heads[s.label] = load_learned_trigger(s.threshold_file)
         for s in specs:
             if s.adapter:  # the selector is merged into its own copy of the SLM; other policies keep the base model
-                from ..local.train import apply_selector
+                from ..local.selector import apply_selector
 
                 pairs[s.label] = apply_selector(
                     load_pair(cfg.slm, None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend),

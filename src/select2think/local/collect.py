@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.datasets import load_dataset, refuse_test
+from ..data.prompts import math_prompt
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
 from ..decoding.teacher import step_logprobs
 from ..decoding.triggers import KLTrigger, step_features
 from ..decoding.vocab import Vocab
 from ..errors import S2TError
-from ..eval.datasets import load_dataset, refuse_test
-from ..eval.prompts import math_prompt
 from ..io import (
     append_line,
     atomic_path,

@@ -20,7 +20,7 @@ import torch
 
 from ..decoding.local_scorer import reserved_scores, with_prior
 from ..io import atomic_path, write_json
-from .train import TIED, TrainConfig, candidate_hidden, selection_loss, spearman
+from .objective import TIED, TrainConfig, candidate_hidden, selection_loss, spearman
 
 FEATURES = "head_features"
 

@@ -1,0 +1,165 @@
+"""S2T-Local's training objective and its data: the settings, the tree layout of a group, candidate scores
+(the same score as decoding's: decoding.local_scorer), the loss, and the groups split by problem. Both ways of
+training (LoRA + rows in train.py, rows alone in head_only.py) use these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backends.tree import additive, sibling_visibility
+from ..decoding.local_scorer import score_from_logits, with_prior
+from ..errors import S2TError
+from ..io import read_jsonl
+from .split import validation_problems
+
+
+@dataclass
+class TrainConfig:
+    slm: str
+    groups: str
+    out: str
+    epochs: int = 2
+    lr: float = 2e-4
+    head_lr: float = 1e-4  # Adam moves every element ~lr per step; the rows' elements are ~0.01
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    temperature: float = 0.1
+    prior_weight: float = 0.1  # the SLM's log-prob joins each score (see module doc); 0 = the paper's head alone
+    head_only: bool = False  # no LoRA: only the reserved rows learn, on cached hidden states (local/head_only.py)
+    head_batch: int = 32  # groups per step of head-only training
+    keep: str = "best"  # head-only: the best validation epoch's rows, or the last epoch's (unbiased validation)
+    margin: float = 0.1
+    w_ce: float = 1.0
+    w_hinge: float = 1.0
+    w_list: float = 1.0
+    w_base: float = 0.1
+    val_fraction: float = 0.1
+    max_groups: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 100  # groups; a killed run resumes from the last checkpoint
+    layout: str = "tree"
+    dtype: str = "fp32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.layout not in ("tree", "naive"):
+            raise S2TError(f"layout must be tree or naive, got {self.layout!r}")
+        if self.epochs < 1:
+            raise S2TError(f"epochs must be >= 1, got {self.epochs}")
+        if self.prior_weight < 0:
+            raise S2TError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if self.keep not in ("best", "last"):
+            raise S2TError(f"keep must be best or last, got {self.keep!r}")
+        if self.head_batch < 1:
+            raise S2TError(f"head_batch must be >= 1 group, got {self.head_batch}")
+        if self.checkpoint_every < 1:
+            raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
+
+
+def tree_batch(context: list[int], cands: list[int], device, dtype):
+    """input_ids [1, L+K], position_ids [1, L+K] and an additive 4D mask [1, 1, L+K, L+K]."""
+    L, K = len(context), len(cands)
+    ids = torch.tensor([context + cands], device=device)
+    pos = torch.tensor([list(range(L)) + [L] * K], device=device)
+    vis = torch.zeros(L + K, L + K, dtype=torch.bool, device=device)
+    vis[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    vis[L:] = sibling_visibility(torch.ones(1, L, dtype=torch.bool, device=device), K)[0]  # as decoding scores
+    return ids, pos, additive(vis[None], dtype)
+
+
+def candidate_logits(
+    model, context: list[int], cands: list[int], layout: str = "tree", with_prefix: bool = False
+) -> torch.Tensor:
+    """Raw logits [K, V_all] at each candidate's position ([1 + K, V_all] `with_prefix`: row 0 is the
+    prefix's own next-token logits, which the candidates came from). Only those positions go through the
+    vocabulary projection, and as one 2D matmul: a 3D [1, K, H] input makes `linear` batch the [V, H]
+    head through a contiguous copy of it (~0.3 s per call for a 152k vocabulary on this CPU)."""
+    return model.get_output_embeddings()(candidate_hidden(model, context, cands, layout, with_prefix)).float()
+
+
+def candidate_hidden(
+    model, context: list[int], cands: list[int], layout: str = "tree", with_prefix: bool = False
+) -> torch.Tensor:
+    """Final hidden states [K, H] ([1 + K, H] `with_prefix`) that `candidate_logits` projects."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    backbone = model.get_decoder()
+    K = len(cands)
+    if layout == "tree":
+        ids, pos, mask = tree_batch(context, cands, device, dtype)
+        hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+        return hidden[-K - 1 :] if with_prefix else hidden[-K:]
+    batch = torch.tensor([[*context, c] for c in cands], device=device)
+    out = backbone(input_ids=batch).last_hidden_state
+    return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
+
+
+def group_scores(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
+    """(scores [K] as decoding picks by, raw candidate logits [K, V_all], head-only scores [K])."""
+    cands = group["candidates"]
+    raw = candidate_logits(model, group["context"], cands, cfg.layout, with_prefix=cfg.prior_weight > 0)
+    if cfg.prior_weight > 0:
+        prefix, raw = raw[0], raw[1:]
+        cand_logp = prefix[:vocab_size].log_softmax(-1)[torch.tensor(cands, device=raw.device)].detach()
+    head = score_from_logits(raw, reserved)
+    scores = with_prior(head, cand_logp, cfg.prior_weight) if cfg.prior_weight > 0 else head
+    return scores, raw, head
+
+
+def selection_loss(scores: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean over groups of CE + hinge + listwise KL, for scores and LLM probabilities [G, K]."""
+    q = llm_probs / llm_probs.sum(-1, keepdim=True)
+    best = q.argmax(-1, keepdim=True)
+    logp = (scores / cfg.temperature).log_softmax(-1)
+    ce = -logp.gather(-1, best).squeeze(-1)
+    others = scores.scatter(-1, best, float("-inf")).max(-1).values
+    hinge = torch.relu(cfg.margin - (scores.gather(-1, best).squeeze(-1) - others))
+    listwise = (q * (q.clamp_min(1e-12).log() - logp)).sum(-1)
+    return (cfg.w_ce * ce + cfg.w_hinge * hinge + cfg.w_list * listwise).mean()
+
+
+def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
+    scores, raw, _ = group_scores(model, group, reserved, vocab_size, cfg)
+    q = torch.tensor(group["llm_probs"], device=scores.device)
+    loss = selection_loss(scores[None], q[None], cfg)
+    if cfg.w_base > 0:
+        text = raw[:, :vocab_size].log_softmax(-1)
+        with torch.no_grad(), model.disable_adapter():
+            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[
+                :, :vocab_size
+            ].log_softmax(-1)
+        loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
+    return loss, scores.detach(), q / q.sum()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().float()
+    rb = b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den else 0.0
+
+
+def load_groups(groups_dir: str | Path, max_groups: int | None = None) -> list[dict]:
+    path = Path(groups_dir) / "groups.jsonl"
+    if not path.is_file():
+        raise S2TError(f"no groups.jsonl in {groups_dir}: run `s2t collect` first")
+    groups = [dict(g, item=r["item"]) for r in read_jsonl(path) for g in r["groups"]]
+    if not groups:
+        raise S2TError(f"{path} holds no groups")
+    return groups[:max_groups] if max_groups else groups
+
+
+TIED = 1e-3  # a group whose K scores all lie within this is tied: argmax falls back to the SLM's top-1
+
+
+def split_groups(groups: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train, validation): validation holds whole problems, `val_fraction` of them, drawn with the seed."""
+    val_items = validation_problems((g["item"] for g in groups), cfg.val_fraction, cfg.seed)
+    train = [g for g in groups if g["item"] not in val_items]
+    return train, [g for g in groups if g["item"] in val_items] or train[: max(1, len(train) // 10)]
