@@ -17,18 +17,18 @@ def test_one_forward_statistics_match_a_slow_per_token_computation(tiny_pair):
     slm, llm = (HFBackend(m, tiny_pair.vocab_size) for m in (tiny_pair.slm, tiny_pair.llm))
     for b in (slm, llm):
         b.reset(1)
-    s = slm.extend(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[:, -1]
-    l = llm.extend(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[:, -1]
+    s_logits = slm.extend(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[:, -1]
+    l_logits = llm.extend(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[:, -1]
     for t, tok in enumerate(gen):
-        s_lp, l_lp = s.log_softmax(-1), l.log_softmax(-1)
+        s_lp, l_lp = s_logits.log_softmax(-1), l_logits.log_softmax(-1)
         top = s_lp.topk(64).indices[0].tolist()
         arg = int(l_lp.argmax())
         assert rec["llm_argmax"][t] == arg
         assert rec["llm_rank"][t] == (top.index(arg) if arg in top else -1)
         assert rec["kl_sl"][t] == pytest.approx(KLTrigger().statistic(s_lp, l_lp).item(), rel=1e-3, abs=1e-5)
         step = torch.tensor([[tok]])
-        s = slm.extend(step, torch.ones(1, 1, dtype=torch.bool))[:, -1]
-        l = llm.extend(step, torch.ones(1, 1, dtype=torch.bool))[:, -1]
+        s_logits = slm.extend(step, torch.ones(1, 1, dtype=torch.bool))[:, -1]
+        l_logits = llm.extend(step, torch.ones(1, 1, dtype=torch.bool))[:, -1]
 
 
 def test_analysis_run_writes_outputs_and_resumes(tmp_path):

@@ -234,7 +234,8 @@ def eval_cmd(
     ),
     policy: list[str] = typer.Option(
         ["greedy"],
-        help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)",
+        help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json"
+        " | s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)",
     ),
     limit: int | None = typer.Option(None),
     offset: int = typer.Option(0),

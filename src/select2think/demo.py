@@ -37,7 +37,9 @@ class DemoRow:
 
 
 def demo_threshold(pair: ModelPair, quantile: float, n_calib: int, max_new_tokens: int, console: Console) -> float:
-    safe = lambda s: s.replace("/", "_")
+    def safe(name: str) -> str:
+        return name.replace("/", "_")
+
     path = (
         cache_root() / "calibrations" / f"{safe(pair.slm_name)}__{safe(pair.llm_name)}__kl_q{quantile}_n{n_calib}.json"
     )
@@ -74,7 +76,7 @@ def run_demo(
     def run(label: str, cfg: DecodeConfig, trigger=None) -> None:
         console.print(f"running {label} on {n} GSM8K test problems ...")
         res = generate(pair, prompts, cfg, batch_size=1, trigger=trigger)
-        correct = sum(is_correct(extract_answer(t), i.answer) for t, i in zip(res.texts, items))
+        correct = sum(is_correct(extract_answer(t), i.answer) for t, i in zip(res.texts, items, strict=True))
         st = res.stats
         rows.append(DemoRow(label, correct, n, st.generated_tokens, st.llm_forwards, st.trigger_rate, st.wall_time_s))
 

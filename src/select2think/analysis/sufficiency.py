@@ -71,7 +71,7 @@ def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new
     cfg = DecodeConfig(policy="greedy" if trajectory == "slm" else "llm", max_new_tokens=max_new_tokens)
     gens = generate(pair, [""] * len(prompt_ids), cfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids))
     out = []
-    for ids, g in zip(prompt_ids, gens.generations):
+    for ids, g in zip(prompt_ids, gens.generations, strict=True):
         s_lp = step_logprobs(pair.slm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
         l_lp = step_logprobs(pair.llm, ids, g.token_ids, pair.vocab_size, pair.banned_ids)
         out.append({**step_records(s_lp, l_lp), "tokens": g.token_ids})
@@ -104,7 +104,7 @@ def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
                 recs = analyze_problems(
                     pair, prompts[start : start + cfg.batch_size], cfg.trajectory, cfg.max_new_tokens
                 )
-                for it, rec in zip(chunk, recs):
+                for it, rec in zip(chunk, recs, strict=True):
                     f.write(json.dumps({"item": it.id, **rec}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

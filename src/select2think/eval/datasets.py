@@ -130,7 +130,10 @@ def load_hf(spec: str) -> Dataset:
     a = next((f for f in ("answer", "solution", "final_answer") if f in ds.column_names), None)
     if q is None:
         raise S2TError(f"{spec} has no question/problem/prompt column: {ds.column_names}")
-    gold = lambda x: gsm8k_gold(x) if "####" in x else x
+
+    def gold(x: str) -> str:
+        return gsm8k_gold(x) if "####" in x else x
+
     items = tuple(Item(f"{name}-{i}", r[q], gold(str(r[a])) if a else None) for i, r in enumerate(ds))
     return Dataset(spec, split == "test", items)
 

@@ -29,7 +29,10 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def summarise(rows: list[dict], llm_cost: float | None) -> dict:
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
-    st = lambda key: sum(r["stats"][key] for r in rows)
+
+    def st(key: str) -> float:
+        return sum(r["stats"][key] for r in rows)
+
     gen = max(st("generated_tokens"), 1)
     lo, hi = wilson(correct, n)
     samples = sum(len(r.get("finish", [1])) for r in rows)
@@ -67,7 +70,7 @@ def build_report(run_dir: str | Path) -> dict:
         for r in read_lines(path):
             rows[(r["item"], r["policy"])] = r  # shards never overlap; a duplicate would be the same item
     by_policy: dict[str, list[dict]] = {}
-    for (item, policy), r in sorted(rows.items()):
+    for (_item, policy), r in sorted(rows.items()):
         by_policy.setdefault(policy, []).append(r)
     table = {}
     for policy in cfg.get("policies", sorted(by_policy)):

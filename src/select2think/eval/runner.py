@@ -6,6 +6,7 @@ Rerunning the same command resumes: finished lines are skipped and a line cut by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
@@ -124,10 +125,8 @@ def item_seed(run_seed: int, item_id: str) -> int:
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("select2think", "torch", "transformers", "math-verify"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -179,14 +178,14 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "started": old.get("started", now),
         "models": dict(old.get("models", {})),
-        "invocations": old.get("invocations", [])
-        + [
+        "invocations": [
+            *old.get("invocations", []),
             {
                 "at": now,
                 "policies": labels,
                 "batch_size": cfg.batch_size,
                 "inputs": {s.label: _fingerprint(s) for s in specs if s.threshold_file or s.adapter},
-            }
+            },
         ],
     }
     for role, model in (("slm", pair.slm), ("llm", pair.llm)):

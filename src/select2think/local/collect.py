@@ -113,7 +113,7 @@ def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
             chunk = items[start : start + cfg.batch_size]
             prompt_ids = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in chunk], True)
             res = generate(pair, [""] * len(chunk), dcfg, prompt_ids=prompt_ids, batch_size=len(chunk))
-            for it, p_ids, g in zip(chunk, prompt_ids, res.generations):
+            for it, p_ids, g in zip(chunk, prompt_ids, res.generations, strict=True):
                 groups, feats = groups_for(pair, p_ids, g.token_ids, threshold, cfg.k, cfg.warmup)
                 np.savez_compressed(out / "features" / f"{it.id}.npz", **feats)
                 f.write(json.dumps({"item": it.id, "groups": groups}) + "\n")

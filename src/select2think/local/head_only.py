@@ -81,7 +81,7 @@ def head_metrics(rows, hidden, logp, q, prior_weight) -> dict:
     return {
         "agree_at_1": float((s.argmax(-1) == q.argmax(-1)).float().sum()) / n,
         "slm_top1_agree": float((q.argmax(-1) == 0).float().sum()) / n,
-        "spearman": sum(spearman(a, b) for a, b in zip(s, q)) / n,
+        "spearman": sum(spearman(a, b) for a, b in zip(s, q, strict=True)) / n,
         "tied": float(((head.max(-1).values - head.min(-1).values) < TIED).float().sum()) / n,
         "n": len(q),
     }
@@ -121,10 +121,10 @@ def fit_head_only(
     where = {id(g): i for i, g in enumerate(groups)}
     tr, va = (torch.tensor([where[id(g)] for g in part], dtype=torch.long) for part in (train, val))
     init = model.get_output_embeddings().weight.detach()[reserved].float().cpu()
-    rows = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
-    history = [{"epoch": 0, "train_loss": None, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}]
-    best_epoch, best_rows = 0, rows.clone()
-    for epoch, rows, loss in train_rows(rows, hidden, logp, q, tr, cfg):
+    start = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
+    history = [{"epoch": 0, "train_loss": None, **head_metrics(start, hidden[va], logp[va], q[va], cfg.prior_weight)}]
+    best_epoch, best_rows = 0, start.clone()
+    for epoch, rows, loss in train_rows(start, hidden, logp, q, tr, cfg):
         history.append(
             {"epoch": epoch, "train_loss": loss, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}
         )

@@ -111,7 +111,7 @@ def candidate_hidden(
         ids, pos, mask = tree_batch(context, cands, device, dtype)
         hidden = backbone(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
         return hidden[-K - 1 :] if with_prefix else hidden[-K:]
-    batch = torch.tensor([context + [c] for c in cands], device=device)
+    batch = torch.tensor([[*context, c] for c in cands], device=device)
     out = backbone(input_ids=batch).last_hidden_state
     return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
 
@@ -277,7 +277,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict:
     model, rows = prepare_model(pair.slm, reserved, cfg)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
-    params = lora + [rows.weight]
+    params = [*lora, rows.weight]
     opt = torch.optim.AdamW(
         [
             {"params": lora, "lr": cfg.lr, "weight_decay": 0.01},
