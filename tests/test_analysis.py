@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from select2think.analysis.sufficiency import AnalyzeConfig, analyze_problem, run_analysis
+from select2think.analysis.sufficiency import AnalyzeConfig, analyze_problems, run_analysis
 from select2think.backends import HFBackend
 from select2think.decoding.api import encode_prompts
 from select2think.decoding.triggers import KLTrigger
@@ -11,7 +11,7 @@ from select2think.decoding.triggers import KLTrigger
 
 def test_one_forward_statistics_match_a_slow_per_token_computation(tiny_pair):
     ids = encode_prompts(tiny_pair.tokenizer, ["What is 2+2?"], True)[0]
-    rec = analyze_problem(tiny_pair, ids, "slm", max_new_tokens=10)
+    (rec,) = analyze_problems(tiny_pair, [ids], "slm", max_new_tokens=10)
     gen = rec["tokens"]
     assert gen == rec["slm_argmax"]  # greedy SLM trajectory: its own argmax at every step
     slm, llm = (HFBackend(m, tiny_pair.vocab_size) for m in (tiny_pair.slm, tiny_pair.llm))

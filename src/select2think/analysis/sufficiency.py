@@ -78,10 +78,6 @@ def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new
     return out
 
 
-def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens: int) -> dict:
-    return analyze_problems(pair, [prompt_ids], trajectory, max_new_tokens)[0]
-
-
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     from rich.progress import Progress
 

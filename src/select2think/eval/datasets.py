@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +168,3 @@ def load_dataset(
 def refuse_test(ds: Dataset, purpose: str) -> None:
     if ds.is_test:
         raise S2TError(f"{ds.name} is a test split: it is never used for {purpose}; use gsm_symbolic:calib or :train")
-
-
-def iter_questions(ds: Dataset) -> Iterator[str]:
-    return (item.question for item in ds.items)
