@@ -83,8 +83,8 @@ def run_demo(
     for label, cfg in configs:
         run(label, cfg)
     bundle = shipped_bundle(pair.slm_name)
-    if bundle is not None:  # last: merging the selector rewrites the SLM's weights in place
-        trigger_file = bundled_trigger(bundle)
+    trigger_file = bundled_trigger(bundle) if bundle is not None else None
+    if bundle is not None and trigger_file is not None:  # last: merging the selector rewrites the SLM's weights
         threshold = load_threshold(trigger_file, "learned", pair.slm_name, None)
         apply_selector(pair, bundle, mode=LOCAL_DEMO_MODE)
         run(

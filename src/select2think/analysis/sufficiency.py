@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
         "argmax_mismatch": cols["slm_argmax"] != cols["llm_argmax"],
         "all_steps": np.ones_like(kl, dtype=bool),
     }
-    summary = {
+    summary: dict[str, Any] = {
         "slm": cfg.slm,
         "llm": cfg.llm,
         "dataset": cfg.dataset,
@@ -190,7 +191,7 @@ def _plots(out: Path, summary: dict, rank: np.ndarray, kl: np.ndarray) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(np.where(rank < 0, TOP, rank), bins=np.arange(TOP + 2) - 0.5)
+    ax.hist(np.where(rank < 0, TOP, rank), bins=(np.arange(TOP + 2) - 0.5).tolist())
     ax.set_yscale("log")
     ax.set_xlabel("rank of the LLM's token in the SLM's top-64 (64 = miss)")
     ax.set_ylabel("steps")

@@ -282,12 +282,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     pair = load_pair(cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device)
     _write_config(cfg, out, pair, specs)
     thresholds = {
-        s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file
+        s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm)
+        for s in specs
+        if s.threshold_file and s.trigger
     }
     pairs = {s.label: pair for s in specs}
     heads = {}
     for s in specs:
-        if s.trigger == "learned":
+        if s.trigger == "learned" and s.threshold_file:
             from ..local.trigger_head import load_learned_trigger
 
             heads[s.label] = load_learned_trigger(s.threshold_file)

@@ -36,7 +36,7 @@ def package_file(source: ModelSource, index: int) -> Path:
             f"model {source.name!r} needs package {dist_name}, which is not installed: run "
             f"`{source.install_command}` (or `s2t models fetch {source.name}` after installing)"
         ) from None
-    path = Path(dist.locate_file(source.files[index]))
+    path = Path(str(dist.locate_file(source.files[index])))
     if not path.is_file():
         raise S2TError(f"package {dist_name} is installed but lacks {source.files[index]}; reinstall it")
     return path
@@ -103,6 +103,7 @@ def assemble(parts: Iterable[Path], dest: Path, sha256: str | None) -> Path:
 def gguf_path(source: ModelSource) -> Path:
     """A verified GGUF file for a packaged or local GGUF source."""
     if source.kind == "gguf":
+        assert source.location is not None  # resolve() sets it for every gguf source
         return Path(source.location)
     if source.kind == "wheel-gguf":
         path = package_file(source, 0)
@@ -121,6 +122,7 @@ def gguf_path(source: ModelSource) -> Path:
 def converted_dir(source: ModelSource, dtype_name: str) -> Path:
     """Where the safetensors conversion of a GGUF source lives."""
     if source.kind == "gguf":
+        assert source.location is not None  # resolve() sets it for every gguf source
         st = os.stat(source.location)
         key = hashlib.sha256(f"{source.location}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         name = f"{Path(source.location).stem}-{key}"
