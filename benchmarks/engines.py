@@ -59,8 +59,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def s2t_vs_llm(pair, prompts, threshold: float, max_new: int) -> dict:
-    llm, t_llm = timed(pair, prompts, DecodeConfig(policy="llm", max_new_tokens=max_new))
-    kw = dict(policy="s2t", trigger="kl", threshold=threshold, k=8, max_new_tokens=max_new)
+    _, t_llm = timed(pair, prompts, DecodeConfig(policy="llm", max_new_tokens=max_new))
+    kw = {"policy": "s2t", "trigger": "kl", "threshold": threshold, "k": 8, "max_new_tokens": max_new}
     fast, t_fast = timed(pair, prompts, DecodeConfig(**kw))
     ref, _ = timed(pair, prompts, DecodeConfig(fast=False, **kw))
     same = [f.token_ids == r.token_ids for f, r in zip(fast.generations, ref.generations, strict=True)]

@@ -50,7 +50,7 @@ def main() -> None:
     threshold = load_threshold(thr_file, "kl", args.slm, args.llm)
     items = load_dataset("gsm8k").take(args.n)
     lines = out / "items.jsonl"
-    done = {json.loads(l)["id"] for l in lines.read_text().splitlines()} if lines.is_file() else set()
+    done = {json.loads(line)["id"] for line in lines.read_text().splitlines()} if lines.is_file() else set()
     for item in items:
         if item.id in done:
             continue
@@ -77,8 +77,11 @@ def main() -> None:
             f"ref {row['reference']['stats']['wall_time_s']:.1f}s fast {row['fast']['stats']['wall_time_s']:.1f}s",
             flush=True,
         )
-    rows = [json.loads(l) for l in lines.read_text().splitlines()]
-    tot = lambda name, key: sum(r[name]["stats"][key] for r in rows)
+    rows = [json.loads(line) for line in lines.read_text().splitlines()]
+
+    def tot(name: str, key: str) -> float:
+        return sum(r[name]["stats"][key] for r in rows)
+
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.dtype}",
         "n": len(rows),

@@ -47,15 +47,17 @@ def main() -> None:
     stats = step_statistics(pair, ["Count to ten.", "Name a color."], "kl", max_new_tokens=40)
     thr = float(np.quantile(stats, 0.8))
     for name, kw in {
-        "s2t-kl": dict(policy="s2t", trigger="kl", threshold=thr, k=8),
-        "takeover-kl": dict(policy="takeover", trigger="kl", threshold=thr),
-        "s2t-entropy": dict(
-            policy="s2t",
-            trigger="entropy",
-            threshold=float(np.quantile(step_statistics(pair, ["Count to ten."], "entropy", max_new_tokens=30), 0.7)),
-            k=4,
-        ),
-        "sample": dict(policy="sample", seed=3),
+        "s2t-kl": {"policy": "s2t", "trigger": "kl", "threshold": thr, "k": 8},
+        "takeover-kl": {"policy": "takeover", "trigger": "kl", "threshold": thr},
+        "s2t-entropy": {
+            "policy": "s2t",
+            "trigger": "entropy",
+            "threshold": float(
+                np.quantile(step_statistics(pair, ["Count to ten."], "entropy", max_new_tokens=30), 0.7)
+            ),
+            "k": 4,
+        },
+        "sample": {"policy": "sample", "seed": 3},
     }.items():
         ref = generate(pair, PROMPTS, DecodeConfig(fast=False, max_new_tokens=48, **kw), batch_size=1)
         fast = generate(pair, PROMPTS, DecodeConfig(fast=True, max_new_tokens=48, **kw), batch_size=1)

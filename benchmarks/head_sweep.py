@@ -38,7 +38,10 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
 
 def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:
     """Agree@1 on `va` after each epoch of `s2t train --head-only`'s own loop (index 0: untrained)."""
-    agree = lambda rows: head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)["agree_at_1"]
+
+    def agree(rows: torch.Tensor) -> float:
+        return head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)["agree_at_1"]
+
     init = torch.zeros(16, hidden.shape[-1])
     return [agree(init)] + [agree(rows) for _, rows, _ in train_rows(init, hidden, logp, q, tr, cfg)]
 
@@ -96,7 +99,9 @@ def main() -> None:
                 tr = idx[(fold != f) & torch.tensor([g["item"] in keep for g in train])]
             curves.append(fit_curve(hidden, logp, q, tr, va, dataclasses.replace(cfg, head_lr=lr, prior_weight=prior)))
             weights.append(len(va))
-        mean = [sum(w * c[e] for w, c in zip(weights, curves)) / sum(weights) for e in range(args.epochs + 1)]
+        mean = [
+            sum(w * c[e] for w, c in zip(weights, curves, strict=True)) / sum(weights) for e in range(args.epochs + 1)
+        ]
         best = max(range(len(mean)), key=mean.__getitem__)
         results.append(
             {

@@ -13,9 +13,9 @@ trigger fires score their K candidates. The selector's
 weights do not change its cost: coupled runs the base weights (a merged LoRA costs nothing), decoupled
 a freshly initialised, unmerged LoRA r16 (the adapter's extra matmuls and its second cache are real).
 Training: one step on a K = 16 group (the full loss with its KL-to-base forward, backward, AdamW step)
-in both layouts in fp32, and in the tree layout in each of --train-dtypes. The naive layout holds K copies of the prefix's
-activations: at a 511-token context that exceeds 24 GiB, so it is timed at shorter contexts only
-(--naive-max-context) while the tree layout is timed at every context.
+in both layouts in fp32, and in the tree layout in each of --train-dtypes. The naive layout holds K
+copies of the prefix's activations: at a 511-token context that exceeds 24 GiB, so it is timed at
+shorter contexts only (--naive-max-context) while the tree layout is timed at every context.
 """
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ def bench_decode(args, out: Path) -> None:
     adapted = load_pair(args.slm, None, dtype="bf16")  # an untrained LoRA: decoupled's real extra matmuls
     adapted.slm, _ = prepare_model(adapted.slm, adapted.reserved_ids, TrainConfig(slm=args.slm, groups="", out=""))
     adapted.slm.eval()
-    local = dict(policy="s2t-local", trigger="entropy", threshold=thr, k=8, max_new_tokens=args.max_new_tokens)
+    local = {
+        "policy": "s2t-local",
+        "trigger": "entropy",
+        "threshold": thr,
+        "k": 8,
+        "max_new_tokens": args.max_new_tokens,
+    }
     runs = [("greedy", pair, DecodeConfig(policy="greedy", max_new_tokens=args.max_new_tokens), None)]
     bundle = Path(args.selector) if args.selector else shipped_bundle(args.slm)
     if bundle is not None:

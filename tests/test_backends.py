@@ -100,7 +100,7 @@ def test_sibling_scoring_equals_separate_forwards_and_keep_advances_the_row(engi
     prefill(b)
     b.score_siblings(rows, cands)
     b.keep_siblings({r: i + 1 for i, r in enumerate(rows)})
-    for i, r in enumerate(rows):
+    for r in rows:
         assert b.length(r) == len(PROMPTS[r]) + 1
     feed = torch.tensor([[3], [4], [5]])
     nxt = b.extend(feed, torch.ones(3, 1, dtype=torch.bool))

@@ -29,7 +29,7 @@ def run(pair, fast, bs, prompts=PROMPTS, **kw):
     "policy,k,q,draft", [("s2t", 8, 0.8, 16), ("s2t", 2, 0.5, 4), ("takeover", 8, 0.8, 8), ("s2t", 64, 0.95, 1)]
 )
 def test_draft_verify_matches_reference(tiny_pair, kl_thresholds, policy, k, q, draft):
-    cfg = dict(policy=policy, k=k, trigger="kl", threshold=kl_thresholds[q], draft_len=draft)
+    cfg = {"policy": policy, "k": k, "trigger": "kl", "threshold": kl_thresholds[q], "draft_len": draft}
     ref = run(tiny_pair, False, 1, **cfg)
     fast1 = run(tiny_pair, True, 1, **cfg)
     fast4 = run(tiny_pair, True, 4, **cfg)
@@ -48,7 +48,7 @@ def test_lazy_llm_matches_reference(tiny_pair, trigger, threshold):
     if threshold is None and trigger != "always":
         stats = step_statistics(tiny_pair, ["Count to ten."], trigger, max_new_tokens=30)
         threshold = float(np.quantile(stats, 0.7))
-    cfg = dict(policy="s2t", k=4, trigger=trigger, threshold=threshold)
+    cfg = {"policy": "s2t", "k": 4, "trigger": trigger, "threshold": threshold}
     ref = run(tiny_pair, False, 1, **cfg)
     fast = run(tiny_pair, True, 1, **cfg)
     fast_b = run(tiny_pair, True, 4, **cfg)
@@ -71,9 +71,9 @@ def test_sampling_is_batch_invariant_and_seeded(tiny_pair, seed):
 def test_greedy_and_llm_alone_use_one_model(tiny_pair):
     g = run(tiny_pair, True, 2, policy="greedy")
     assert g.stats.llm_forwards == 0 and g.stats.llm_tokens == 0 and g.stats.flips == 0
-    l = run(tiny_pair, True, 2, policy="llm")
-    assert l.stats.slm_forwards == 0 and l.stats.llm_forwards > 0
-    assert ids(g) != ids(l)
+    alone = run(tiny_pair, True, 2, policy="llm")
+    assert alone.stats.slm_forwards == 0 and alone.stats.llm_forwards > 0
+    assert ids(g) != ids(alone)
 
 
 def test_stop_rules(tiny_pair):
@@ -97,10 +97,10 @@ def test_stats_hit_at_k_is_reported_at_triggers(tiny_pair, kl_thresholds):
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        (dict(k=0), "k must be between 1 and 64"),
-        (dict(k=65), "k must be"),
-        (dict(policy="s2t", trigger="kl"), "needs a threshold"),
-        (dict(policy="nope"), "unknown policy"),
+        ({"k": 0}, "k must be between 1 and 64"),
+        ({"k": 65}, "k must be"),
+        ({"policy": "s2t", "trigger": "kl"}, "needs a threshold"),
+        ({"policy": "nope"}, "unknown policy"),
     ],
 )
 def test_bad_config_is_refused(kw, msg):
@@ -204,7 +204,14 @@ def test_a_row_finishing_before_any_trigger_does_not_break_the_batch(tiny_pair, 
     prompts = ["Hi", "Tell me a long story about a cat and a dog."]
     greedy = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=12), batch_size=2)
     stop_tok = greedy.generations[0].token_ids[1]  # row 0 ends at step 2, before warm-up ends
-    cfg = dict(policy="s2t", trigger=trigger, threshold=threshold, warmup=6, max_new_tokens=12, extra_eos=(stop_tok,))
+    cfg = {
+        "policy": "s2t",
+        "trigger": trigger,
+        "threshold": threshold,
+        "warmup": 6,
+        "max_new_tokens": 12,
+        "extra_eos": (stop_tok,),
+    }
     ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
     fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=2)
     assert [g.token_ids for g in fast.generations] == [g.token_ids for g in ref.generations]

@@ -178,9 +178,9 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
         "--policy",
         "sample",
     ]
-    assert main(base + ["--out", str(tmp_path / "whole")]) == 0
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
     for i in range(2):
-        assert main(base + ["--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--batch-size", "1"]) == 0
+        assert main([*base, "--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--batch-size", "1"]) == 0
     whole = {
         (r["item"], r["policy"]): r["prediction"] for r in read_lines(tmp_path / "whole" / "results.shard0of1.jsonl")
     }
@@ -190,22 +190,22 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
             sharded[(r["item"], r["policy"])] = r["prediction"]
     assert whole == sharded and len(whole) == 8  # per-item seeds: shards and batch sizes agree with the whole run
     assert build_report(tmp_path / "sharded")["policies"]["greedy"]["n"] == 4
-    assert main(base[:-2] + ["--policy", "greedy", "--out", str(tmp_path / "whole"), "--seed", "5"]) == 2
+    assert main([*base[:-2], "--policy", "greedy", "--out", str(tmp_path / "whole"), "--seed", "5"]) == 2
 
 
 def test_report_prints_bracketed_policy_labels_verbatim(tmp_path, capsys):
     from select2think.cli import main
 
-    stats = dict(
-        generated_tokens=10,
-        slm_forwards=10,
-        slm_tokens=20,
-        llm_forwards=1,
-        llm_tokens=16,
-        triggers=1,
-        flips=1,
-        wall_time_s=1.0,
-    )
+    stats = {
+        "generated_tokens": 10,
+        "slm_forwards": 10,
+        "slm_tokens": 20,
+        "llm_forwards": 1,
+        "llm_tokens": 16,
+        "triggers": 1,
+        "flips": 1,
+        "wall_time_s": 1.0,
+    }
     (tmp_path / "config.json").write_text(
         json.dumps(
             {
@@ -251,8 +251,8 @@ def test_a_resumed_run_without_the_llm_keeps_its_size_for_the_compute_column(tmp
         "--out",
         str(tmp_path),
     ]
-    assert main(base + ["--policy", "llm"]) == 0
-    assert main(base + ["--policy", "greedy", "--batch-size", "1"]) == 0  # loads no LLM
+    assert main([*base, "--policy", "llm"]) == 0
+    assert main([*base, "--policy", "greedy", "--batch-size", "1"]) == 0  # loads no LLM
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert set(cfg["models"]) == {"slm", "llm"} and cfg["models"]["llm"]["params"] > 0
     assert [(i["policies"], i["batch_size"]) for i in cfg["invocations"]] == [(["llm"], 8), (["greedy"], 1)]

@@ -35,11 +35,10 @@ def entropy_threshold(tiny_pair):
 
 def test_local_tree_decoding_matches_reference_and_never_uses_the_llm(tiny_pair, entropy_threshold):
     prompts = ["What is 2+2?", "Name a fruit.", "Hi"]
-    cfg = dict(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24)
+    cfg = {"policy": "s2t-local", "trigger": "entropy", "threshold": entropy_threshold, "k": 8, "max_new_tokens": 24}
     ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
     fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=1)
     fast3 = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), batch_size=3)
-    ids = lambda r: [g.token_ids for g in r.generations]
     assert fast.path == "local-tree" and ref.path == "local-reference"
     assert ids(fast) == ids(ref) == ids(fast3)
     assert fast.stats.llm_forwards == 0 and fast.stats.llm_tokens == 0
@@ -101,15 +100,14 @@ def adapted_pair():
 
 def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_pair, tiny_pair, entropy_threshold):
     prompts = ["What is 2+2?", "Name a fruit.", "Hi"]
-    ids = lambda r: [g.token_ids for g in r.generations]
-    cfg = dict(
-        policy="s2t-local",
-        trigger="entropy",
-        threshold=entropy_threshold,
-        k=8,
-        max_new_tokens=24,
-        local_mode="decoupled",
-    )
+    cfg = {
+        "policy": "s2t-local",
+        "trigger": "entropy",
+        "threshold": entropy_threshold,
+        "k": 8,
+        "max_new_tokens": 24,
+        "local_mode": "decoupled",
+    }
     adapted_pair, coupled_pair = adapted_pair
     ref = generate(adapted_pair, prompts, DecodeConfig(fast=False, **cfg), batch_size=1)
     fast = generate(adapted_pair, prompts, DecodeConfig(**cfg), batch_size=3)
@@ -117,7 +115,7 @@ def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_p
     assert ids(fast) == ids(ref)
     assert fast.stats.llm_forwards == 0 and fast.stats.triggers > 0 and fast.stats.flips > 0
     # between triggers the base model generates: with no trigger it is the base model's greedy answer
-    quiet = dict(policy="s2t-local", trigger="never", max_new_tokens=24)
+    quiet = {"policy": "s2t-local", "trigger": "never", "max_new_tokens": 24}
     base = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=24))
     assert ids(generate(adapted_pair, prompts, DecodeConfig(local_mode="decoupled", **quiet))) == ids(base)
     # coupled mode generates with the adapter on: another answer
@@ -131,7 +129,7 @@ def test_decoupled_scores_with_the_adapter_and_generates_with_the_base(adapted_p
 @pytest.mark.parametrize("mode", ["coupled", "decoupled"])
 def test_local_rows_finishing_early_leave_both_caches_and_the_rest_decode_unchanged(adapted_pair, mode):
     prompts = ["Hi", "Tell me a long story about a cat and a dog.", "Count to ten."]
-    cfg = dict(policy="s2t-local", trigger="always", k=8, max_new_tokens=12, local_mode=mode)
+    cfg = {"policy": "s2t-local", "trigger": "always", "k": 8, "max_new_tokens": 12, "local_mode": mode}
     adapted_pair = adapted_pair[0] if mode == "decoupled" else adapted_pair[1]
     free = generate(adapted_pair, prompts[:1], DecodeConfig(**cfg), batch_size=1)
     cfg = DecodeConfig(extra_eos=(free.generations[0].token_ids[1],), **cfg)
@@ -140,3 +138,7 @@ def test_local_rows_finishing_early_leave_both_caches_and_the_rest_decode_unchan
     assert len(batched.generations[0].token_ids) == 2 and batched.stats.triggers > 0
     assert [g.token_ids for g in batched.generations] == [g.token_ids for g in alone.generations]
     assert batched.stats.slm_tokens == alone.stats.slm_tokens  # per-row accounting survives retirement
+
+
+def ids(result):
+    return [g.token_ids for g in result.generations]

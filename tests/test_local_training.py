@@ -150,11 +150,11 @@ def test_eval_runs_s2t_local_beside_an_untouched_greedy(collected, tmp_path, tin
         "--device",
         "cpu",
     ]
-    assert main(base + ["--policy", "greedy", "--out", str(tmp_path / "g")]) == 0
+    assert main([*base, "--policy", "greedy", "--out", str(tmp_path / "g")]) == 0
     assert (
         main(
-            base
-            + [
+            [
+                *base,
                 "--policy",
                 "greedy",
                 "--policy",
@@ -194,7 +194,7 @@ def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collec
     assert all(0 <= metrics[m]["precision"] <= 1 and 0 <= metrics[m]["recall"] <= 1 for m in ("learned", "entropy"))
     head = load_learned_trigger(path)
     thr = load_threshold(path, "learned", "tiny-slm", None)
-    cfg = dict(policy="s2t-local", trigger="learned", threshold=thr, max_new_tokens=16)
+    cfg = {"policy": "s2t-local", "trigger": "learned", "threshold": thr, "max_new_tokens": 16}
     prompts = ["What is 2+2?", "Name a fruit."]
     fast = generate(tiny_pair, prompts, DecodeConfig(fast=True, **cfg), trigger=head, batch_size=2)
     ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **cfg), trigger=head, batch_size=1)
@@ -339,7 +339,7 @@ def test_bundle_ships_selector_and_trigger_and_decodes_with_no_threshold_file(co
         "--out",
         str(tmp_path / "run"),
     ]
-    assert main(base + ["--policy", f"s2t-local={tmp_path / 'bundle'},decoupled"]) == 0
+    assert main([*base, "--policy", f"s2t-local={tmp_path / 'bundle'},decoupled"]) == 0
     rows = read_lines(tmp_path / "run" / "results.shard0of1.jsonl")
     assert {r["policy"] for r in rows} == {"s2t-local[bundle,learned,decoupled]"}
     assert all(r["stats"]["llm_forwards"] == 0 for r in rows)
@@ -455,13 +455,16 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
     assert torch.allclose(scores - 0.5, cfg.prior_weight * slm_logp, atol=1e-4)  # the prior is the SLM's log-prob
     save_selector(model, rows, pair.reserved_ids, tmp_path / "untrained", {"slm": "tiny-slm", "prior_weight": 0.1})
     prompts = ["What is 2+2?", "Name a fruit."]
-    ids = lambda r: [x.token_ids for x in r.generations]
+
+    def ids(res):
+        return [g.token_ids for g in res.generations]
+
     greedy = generate(
         load_pair("tiny-slm", None, dtype="fp32", device="cpu"),
         prompts,
         DecodeConfig(policy="greedy", max_new_tokens=16),
     )
-    local = dict(policy="s2t-local", trigger="always", max_new_tokens=16)
+    local = {"policy": "s2t-local", "trigger": "always", "max_new_tokens": 16}
     as_greedy = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), tmp_path / "untrained")
     assert as_greedy.selector.prior_weight == 0.1
     assert ids(generate(as_greedy, prompts, DecodeConfig(**local))) == ids(greedy)
@@ -541,9 +544,12 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
         cfg(tmp_path / "x", keep="first")
     # it decodes with no LLM, tree path == K full prefixes, and bundles without an adapter
     trained = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out)
-    local = dict(policy="s2t-local", trigger="always", max_new_tokens=12)
+    local = {"policy": "s2t-local", "trigger": "always", "max_new_tokens": 12}
     prompts = ["What is 2+2?", "Name a fruit."]
-    ids = lambda res: [g.token_ids for g in res.generations]
+
+    def ids(res):
+        return [g.token_ids for g in res.generations]
+
     assert ids(generate(trained, prompts, DecodeConfig(**local))) == ids(
         generate(trained, prompts, DecodeConfig(fast=False, **local), batch_size=1)
     )

@@ -32,7 +32,7 @@ class FakeTok:
 
 
 def test_unknown_model_name_names_the_choices():
-    with pytest.raises(S2TError, match="unknown model 'no-such-model'.*tiny-slm"):
+    with pytest.raises(S2TError, match=r"unknown model 'no-such-model'.*tiny-slm"):
         resolve("no-such-model")
 
 
@@ -40,7 +40,7 @@ def test_missing_and_unreadable_paths(tmp_path):
     with pytest.raises(S2TError, match="does not exist"):
         resolve(str(tmp_path / "missing.gguf"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(S2TError, match="no config.json"):
+    with pytest.raises(S2TError, match=r"no config\.json"):
         resolve(str(tmp_path / "empty"))
     assert resolve("Qwen/Qwen2.5-32B-Instruct").kind == "hub"
 
@@ -85,7 +85,7 @@ def test_reserved_ids_prefer_padding_rows_then_unused_specials():
     tok = FakeTok([f"t{i}" for i in range(20)])
     assert pick_reserved_ids(tok, 40) == tuple(range(20, 36))
     specials = [f"<s{i}>" for i in range(16)]
-    tok = FakeTok(["a", "b"] + specials, specials=specials, chat_template="<s0>")
+    tok = FakeTok(["a", "b", *specials], specials=specials, chat_template="<s0>")
     ids = pick_reserved_ids(tok, 18 + 1)
     assert ids is not None and len(ids) == 16 and 18 in ids and 2 not in ids  # <s0> is used by the template
     assert pick_reserved_ids(FakeTok(["a"] * 4), 4) is None

@@ -34,7 +34,7 @@ def test_same_tokenizer_pairs_and_no_padding_rows(smol_pair):
 def test_smollm2_answers_and_fast_path_matches_reference(smol_pair):
     greedy = generate(smol_pair, ["What is the capital of France?"], policy="greedy", max_new_tokens=12)
     assert "Paris" in greedy.texts[0]
-    cfg = dict(policy="s2t", trigger="entropy", threshold=1.0, k=4, max_new_tokens=24)
+    cfg = {"policy": "s2t", "trigger": "entropy", "threshold": 1.0, "k": 4, "max_new_tokens": 24}
     ref = generate(smol_pair, ["What is 3 + 4?", "Name a fruit."], DecodeConfig(fast=False, **cfg))
     fast = generate(smol_pair, ["What is 3 + 4?", "Name a fruit."], DecodeConfig(fast=True, **cfg), batch_size=2)
     assert [g.token_ids for g in fast.generations] == [g.token_ids for g in ref.generations]

@@ -14,11 +14,11 @@ def logp(rows):
 
 def test_kl_matches_hand_computation_on_top_support():
     s = logp([[0.5, 0.3, 0.2]])
-    l = logp([[0.2, 0.3, 0.5]])
-    expected = sum(p * math.log(p / q) for p, q in zip([0.5, 0.3, 0.2], [0.2, 0.3, 0.5]))
-    assert KLTrigger().statistic(s, l).item() == pytest.approx(expected, rel=1e-5)
-    reverse = sum(q * math.log(q / p) for p, q in zip([0.5, 0.3, 0.2], [0.2, 0.3, 0.5]))
-    assert KLTrigger(reverse=True).statistic(s, l).item() == pytest.approx(reverse, rel=1e-5)
+    llm = logp([[0.2, 0.3, 0.5]])
+    expected = sum(p * math.log(p / q) for p, q in zip([0.5, 0.3, 0.2], [0.2, 0.3, 0.5], strict=True))
+    assert KLTrigger().statistic(s, llm).item() == pytest.approx(expected, rel=1e-5)
+    reverse = sum(q * math.log(q / p) for p, q in zip([0.5, 0.3, 0.2], [0.2, 0.3, 0.5], strict=True))
+    assert KLTrigger(reverse=True).statistic(s, llm).item() == pytest.approx(reverse, rel=1e-5)
     assert KLTrigger().statistic(s, s).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -26,11 +26,11 @@ def test_kl_renormalises_on_slm_top64_and_drops_llm_zeros():
     V = 100
     s = torch.full((1, V), 1e-4)
     s[0, :64] = (1 - 36e-4) / 64
-    l = s.clone()
-    l[0, 70] = 0.5  # outside the SLM's top-64: ignored
-    l[0, 0] = 0.0  # p_L = 0: dropped
-    l = l / l.sum()
-    stat = KLTrigger().statistic(s.log(), l.log())
+    llm = s.clone()
+    llm[0, 70] = 0.5  # outside the SLM's top-64: ignored
+    llm[0, 0] = 0.0  # p_L = 0: dropped
+    llm = llm / llm.sum()
+    stat = KLTrigger().statistic(s.log(), llm.log())
     assert torch.isfinite(stat).all() and stat.item() == pytest.approx(0.0, abs=1e-5)
 
 
@@ -56,9 +56,9 @@ def test_make_trigger_rejects_unknown():
 
 def test_restricted_argmax_stays_in_slm_topk_and_breaks_ties_by_slm_rank():
     s = logp([[0.4, 0.3, 0.2, 0.1]])
-    l = logp([[0.1, 0.1, 0.1, 0.7]])
-    assert LLMArgmax().select(s, l).item() == 3
-    assert LLMRestrictedArgmax(k=3).select(s, l).item() == 0  # tie among top-3: higher SLM rank wins
+    llm = logp([[0.1, 0.1, 0.1, 0.7]])
+    assert LLMArgmax().select(s, llm).item() == 3
+    assert LLMRestrictedArgmax(k=3).select(s, llm).item() == 0  # tie among top-3: higher SLM rank wins
     l2 = logp([[0.1, 0.2, 0.3, 0.4]])
     assert LLMRestrictedArgmax(k=3).select(s, l2).item() == 2
     assert SLMTop1().select(s).item() == 0

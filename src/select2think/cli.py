@@ -141,16 +141,17 @@ def generate(
         prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise S2TError("the prompt is not valid UTF-8 text") from None
-    if policy in ("llm", "takeover", "s2t") and llm is None:
+    if policy in POLICIES and POLICIES[policy].needs_llm and llm is None:
         raise S2TError(f"policy {policy!r} needs --llm")
+    selector: str | Path | None = None
     if policy == "s2t-local":
         from .local.bundle import bundled_trigger, shipped_bundle
 
-        adapter = adapter or shipped_bundle(slm)
-        if adapter is None:
+        selector = adapter or shipped_bundle(slm)
+        if selector is None:
             raise S2TError(f"policy s2t-local needs --adapter (a selector from `s2t train`); none ships for {slm}")
-        if trigger is None and threshold is None and threshold_file is None and bundled_trigger(adapter):
-            trigger, threshold_file = "learned", str(bundled_trigger(adapter))
+        if trigger is None and threshold is None and threshold_file is None and bundled_trigger(selector):
+            trigger, threshold_file = "learned", str(bundled_trigger(selector))
     trig = trigger or (POLICIES[policy].default_trigger if policy in POLICIES else "never")
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
     cfg = DecodeConfig(
@@ -171,10 +172,10 @@ def generate(
     if cfg.uses_llm and llm is None:
         raise S2TError(f"policy {policy!r} needs --llm")
     pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device, backend=backend)
-    if policy == "s2t-local":
+    if selector is not None:  # s2t-local
         from .local.selector import apply_selector
 
-        apply_selector(pair, adapter, mode=local_mode)
+        apply_selector(pair, selector, mode=local_mode)
     printed = [0]
 
     def stream(row):

@@ -72,15 +72,15 @@ def run_demo(
     def run(label: str, cfg: DecodeConfig, trigger=None) -> None:
         console.print(f"running {label} on {n} GSM8K test problems ...")
         res = generate(pair, prompts, cfg, batch_size=1, trigger=trigger)
-        correct = sum(is_correct(extract_answer(t), i.answer) for t, i in zip(res.texts, items))
+        correct = sum(is_correct(extract_answer(t), i.answer) for t, i in zip(res.texts, items, strict=True))
         st = res.stats
         rows.append(DemoRow(label, correct, n, st.generated_tokens, st.llm_forwards, st.trigger_rate, st.wall_time_s))
 
     for label, cfg in configs:
         run(label, cfg)
     bundle = shipped_bundle(pair.slm_name)
-    if bundle is not None:  # last: merging the selector rewrites the SLM's weights in place
-        trigger_file = bundled_trigger(bundle)
+    trigger_file = bundled_trigger(bundle) if bundle is not None else None
+    if bundle is not None and trigger_file is not None:  # last: merging the selector rewrites the SLM's weights
         threshold = load_threshold(trigger_file, "learned", pair.slm_name, None)
         apply_selector(pair, bundle, mode=LOCAL_DEMO_MODE)
         run(

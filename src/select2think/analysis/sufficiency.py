@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,10 +82,6 @@ def analyze_problems(pair, prompt_ids: list[list[int]], trajectory: str, max_new
     return out
 
 
-def analyze_problem(pair, prompt_ids: list[int], trajectory: str, max_new_tokens: int) -> dict:
-    return analyze_problems(pair, [prompt_ids], trajectory, max_new_tokens)[0]
-
-
 def run_analysis(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     with run_lock(cfg.out):
         return _run_analysis(cfg, progress)
@@ -134,7 +131,7 @@ def summarise(out: Path, cfg: AnalyzeConfig) -> dict:
         "argmax_mismatch": cols["slm_argmax"] != cols["llm_argmax"],
         "all_steps": np.ones_like(kl, dtype=bool),
     }
-    summary = {
+    summary: dict[str, Any] = {
         "slm": cfg.slm,
         "llm": cfg.llm,
         "dataset": cfg.dataset,
@@ -200,7 +197,7 @@ def _plots(out: Path, summary: dict, rank: np.ndarray, kl: np.ndarray) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(np.where(rank < 0, TOP, rank), bins=np.arange(TOP + 2) - 0.5)
+    ax.hist(np.where(rank < 0, TOP, rank), bins=(np.arange(TOP + 2) - 0.5).tolist())
     ax.set_yscale("log")
     ax.set_xlabel("rank of the LLM's token in the SLM's top-64 (64 = miss)")
     ax.set_ylabel("steps")

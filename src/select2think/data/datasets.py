@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +134,7 @@ def load_hf(spec: str) -> Dataset:
     if q is None:
         raise S2TError(f"{spec} has no question/problem/prompt column: {ds.column_names}")
 
-    def gold(x):
+    def gold(x: str) -> str:
         return gsm8k_gold(x) if "####" in x else x
 
     items = tuple(Item(f"{name}-{i}", r[q], gold(str(r[a])) if a else None) for i, r in enumerate(ds))
@@ -191,7 +190,3 @@ def check_dataset(ds: Dataset) -> Dataset:
 def refuse_test(ds: Dataset, purpose: str) -> None:
     if ds.is_test:
         raise S2TError(f"{ds.name} is a test split: it is never used for {purpose}; use gsm_symbolic:calib or :train")
-
-
-def iter_questions(ds: Dataset) -> Iterator[str]:
-    return (item.question for item in ds.items)

@@ -73,7 +73,7 @@ def step_statistics(
     )
     stats = []
     vocab = Vocab.of(pair)
-    for p_ids, gen in zip(prompt_ids, greedy.generations):
+    for p_ids, gen in zip(prompt_ids, greedy.generations, strict=False):
         g = gen.token_ids
         if len(g) <= warmup:
             continue

@@ -72,7 +72,8 @@ class DecodeConfig:
             and self.threshold is None
         ):
             raise S2TError(
-                f"trigger {self.trigger!r} needs a threshold: pass --threshold-file (from `s2t calibrate`) or --threshold"
+                f"trigger {self.trigger!r} needs a threshold: "
+                "pass --threshold-file (from `s2t calibrate`) or --threshold"
             )
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise S2TError(f"threshold must be a finite number, got {self.threshold}")

@@ -29,7 +29,7 @@ def naive_hidden(scratch: Backend, prefix: list[int], cands: list[int]) -> torch
     """Final hidden states [K, H] of prefix + each candidate, K full forwards (no shared cache)."""
     scratch.reset(len(cands))
     scratch.want_hidden = True
-    ids = torch.tensor([prefix + [c] for c in cands])
+    ids = torch.tensor([[*prefix, c] for c in cands])
     scratch.extend(ids, torch.ones_like(ids, dtype=torch.bool), logits=False)
     return scratch.last_hidden[:, -1]
 

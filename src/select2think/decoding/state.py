@@ -182,7 +182,7 @@ def active_view(rows: list[RowState], s_logits: torch.Tensor, row_seeds) -> Step
     idx = torch.tensor(active, device=s_logits.device)
     s_lp = s_logits[idx].log_softmax(-1)
     steps = [rows[r].step for r in active]
-    keys = [(row_seeds[r], s) for r, s in zip(active, steps)]
+    keys = [(row_seeds[r], s) for r, s in zip(active, steps, strict=False)]
     return StepView(active, idx, s_lp, torch.tensor(steps, device=s_lp.device), keys)
 
 

@@ -63,11 +63,11 @@ class KLTrigger(Trigger):
             raise S2TError("the kl trigger needs the LLM's distribution")
         _, ids = _top_support(slm_logp)
         s = slm_logp.gather(-1, ids)
-        l = llm_logp.gather(-1, ids)
-        keep = l.exp() > 1e-12
+        q = llm_logp.gather(-1, ids)
+        keep = q.exp() > 1e-12
         s = torch.where(keep, s, -math.inf).log_softmax(-1)
-        l = torch.where(keep, l, -math.inf).log_softmax(-1)
-        p, logp, logq = (l.exp(), l, s) if self.reverse else (s.exp(), s, l)
+        q = torch.where(keep, q, -math.inf).log_softmax(-1)
+        p, logp, logq = (q.exp(), q, s) if self.reverse else (s.exp(), s, q)
         terms = torch.where(keep, p * (logp - logq), torch.zeros_like(p))
         return terms.sum(-1)
 

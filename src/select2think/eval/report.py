@@ -30,7 +30,7 @@ def summarise(rows: list[dict], llm_cost: float | None) -> dict:
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
 
-    def st(key):
+    def st(key: str) -> float:
         return sum(r["stats"][key] for r in rows)
 
     gen = max(st("generated_tokens"), 1)

@@ -349,7 +349,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
     for s in specs:
         check_inputs(s)
     thresholds = {
-        s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm) for s in specs if s.threshold_file
+        s.label: load_threshold(s.threshold_file, s.trigger, cfg.slm, cfg.llm)
+        for s in specs
+        if s.threshold_file and s.trigger
     }
     keys = {s.label: inputs_key(_fingerprint(s)) for s in specs}
     ds = load_dataset(cfg.dataset, limit=cfg.limit)

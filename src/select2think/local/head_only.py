@@ -119,10 +119,10 @@ def fit_head_only(
     where = {id(g): i for i, g in enumerate(groups)}
     tr, va = (torch.tensor([where[id(g)] for g in part], dtype=torch.long) for part in (train, val))
     init = model.get_output_embeddings().weight.detach()[reserved].float().cpu()
-    rows = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
-    history = [{"epoch": 0, "train_loss": None, **head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight)}]
-    best_epoch, best_rows = 0, rows.clone()
-    for epoch, trained, loss in train_rows(rows, hidden, logp, q, tr, cfg):
+    start = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
+    history = [{"epoch": 0, "train_loss": None, **head_metrics(start, hidden[va], logp[va], q[va], cfg.prior_weight)}]
+    best_epoch, best_rows = 0, start.clone()
+    for epoch, trained, loss in train_rows(start, hidden, logp, q, tr, cfg):
         history.append(
             {"epoch": epoch, "train_loss": loss, **head_metrics(trained, hidden[va], logp[va], q[va], cfg.prior_weight)}
         )

@@ -5,6 +5,7 @@ rate are the baselines. The result is a JSON file usable wherever a threshold fi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def train_trigger_head(
     rate = float(yt.mean())
     logits_train = (Z @ w + b).detach()
     threshold = float(np.quantile(logits_train.numpy(), 1 - rate))
-    metrics = {"train_rate": rate, "val_steps": int(val.sum())}
+    metrics: dict[str, Any] = {"train_rate": rate, "val_steps": int(val.sum())}
     if val.any():
         Xv = torch.tensor(X[val])
         lv = y[val].astype(bool)

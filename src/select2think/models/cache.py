@@ -38,7 +38,7 @@ def package_file(source: ModelSource, index: int) -> Path:
             f"model {source.name!r} needs package {dist_name}, which is not installed: run "
             f"`{source.install_command}` (or `s2t models fetch {source.name}` after installing)"
         ) from None
-    path = Path(dist.locate_file(source.files[index]))
+    path = Path(str(dist.locate_file(source.files[index])))
     if not path.is_file():
         raise S2TError(f"package {dist_name} is installed but lacks {source.files[index]}; reinstall it")
     return path
@@ -195,6 +195,7 @@ def remove_cached(source: ModelSource, dtype_name: str) -> None:
 def converted_dir(source: ModelSource, dtype_name: str) -> Path:
     """Where the safetensors conversion of a GGUF source lives."""
     if source.kind == "gguf":
+        assert source.location is not None  # resolve() sets it for every gguf source
         st = os.stat(source.location)
         key = hashlib.sha256(f"{source.location}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         name = f"{Path(source.location).stem}-{key}"

@@ -140,6 +140,7 @@ def load_model(name: str, dtype: str = "bf16", device: str = "auto"):
         else:
             model, tokenizer = _convert_gguf(source, dtype)
     else:
+        assert source.location is not None  # resolve() sets it for every local and hub source
         try:
             model, tokenizer = _from_dir(source.location, torch_dtype)
         except OSError as e:

@@ -32,7 +32,7 @@ def first_token_mismatch(tok_a, tok_b) -> tuple[int, str | None, str | None] | N
     ids = list(range(max(n_a, n_b)))
     a = tok_a.convert_ids_to_tokens(ids[:n_a]) + [None] * (len(ids) - n_a)
     b = tok_b.convert_ids_to_tokens(ids[:n_b]) + [None] * (len(ids) - n_b)
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i, x, y
     return None

@@ -27,7 +27,6 @@ class ModelSource:
     packages: tuple[str, ...] = ()  # pip distributions that carry the file(s)
     files: tuple[str, ...] = ()  # paths inside those distributions, in order
     sha256: str | None = None
-    size_bytes: int | None = None
     location: str | None = None  # local path or hub id
     tiny_layers: int = 0
     tiny_seed: int = 0
@@ -95,9 +94,6 @@ REGISTRY: dict[str, ModelSource] = {
         ),
     ]
 }
-
-DEFAULT_SLM = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_LLM = "qwen2.5-coder-1.5b-instruct"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 

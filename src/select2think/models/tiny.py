@@ -32,11 +32,11 @@ def build_tiny(source: ModelSource):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
     )
     gen = torch.random.fork_rng(devices=[])
     with gen:
         torch.manual_seed(source.tiny_seed)
         model = LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")  # LlamaConfig's typed signature takes no attn_implementation
     model.name_or_path = source.name
     return model, tokenizer
