@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 
 def _duration(seconds: float) -> str:
@@ -22,7 +23,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = enabled and sys.stdout.isatty() and self.stream.isatty()
-        self._bar = None
+        self._bar: Any = None
         self._start_done = completed
 
     def __enter__(self) -> Progress:

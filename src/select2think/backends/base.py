@@ -90,6 +90,12 @@ class Backend(ABC):
         by one); every other provisional sibling is dropped."""
         raise S2TError(f"the {self.name} backend cannot score sibling candidates")
 
+    def hidden(self) -> torch.Tensor:
+        """`last_hidden`, which the last forward kept because `want_hidden` was set."""
+        if self.last_hidden is None:
+            raise RuntimeError("no hidden states kept: set want_hidden before the forward")
+        return self.last_hidden
+
     def spawn(self) -> Backend:
         """A second backend with its own cache on the same weights (reference paths score on it)."""
         raise S2TError(f"the {self.name} backend cannot open a second cache on the same weights")

@@ -8,7 +8,8 @@ are dead in every row are cropped. Retired rows leave the cache; callers keep us
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -21,17 +22,17 @@ class AdapterOff:
     """A PEFT model seen with its adapter disabled: a base-model view sharing the adapted model's weights
     (S2T-Local's decoupled mode generates with it while the adapted model scores)."""
 
-    def __init__(self, peft_model: torch.nn.Module):
+    def __init__(self, peft_model: Any):
         self.peft = peft_model
         self.config = peft_model.config
 
-    def parameters(self):
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.peft.parameters()
 
-    def get_output_embeddings(self):
+    def get_output_embeddings(self) -> Any:
         return self.peft.get_output_embeddings()
 
-    def __call__(self, **kwargs):
+    def __call__(self, **kwargs: Any) -> Any:
         with self.peft.disable_adapter():
             return self.peft(**kwargs)
 
@@ -40,7 +41,7 @@ class HFBackend(Backend):
     name = "hf"
     capabilities = Capabilities(full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True)
 
-    def __init__(self, model):
+    def __init__(self, model: Any):
         head = model.get_output_embeddings()
         super().__init__(vocab_rows=head.weight.shape[0], hidden_size=head.weight.shape[1])
         self.model = model
@@ -90,7 +91,9 @@ class HFBackend(Backend):
         return None if len(self.rows) == self.batch_size else torch.tensor(self.rows, device=self.device)
 
     @torch.no_grad()
-    def extend(self, tokens, live, logits=True, last_only=False):
+    def extend(
+        self, tokens: torch.Tensor, live: torch.Tensor, logits: bool = True, last_only: bool = False
+    ) -> torch.Tensor | None:
         self._drop_siblings()
         held = self._held()
         tokens, live = tokens.to(self.device), live.to(self.device)
@@ -136,7 +139,7 @@ class HFBackend(Backend):
 
     # -- siblings ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_siblings(self, rows, cands):
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
         """Every held row listed: one tree forward on the cache (K slots per row, dead until kept), so the
         winner needs no further forward. A subset: the listed rows alone score on a view of their cache
         rows (the others would pay K positions each), and `keep_siblings` then feeds the winners."""
@@ -167,7 +170,7 @@ class HFBackend(Backend):
 
     def _peek(self, rows: list[int], cands: torch.Tensor) -> torch.Tensor:
         sub = torch.tensor([self._cache_row(r) for r in rows], device=self.device)
-        layers = self.cache.layers
+        layers: list[Any] = list(self.cache.layers)
         saved = [(layer.keys, layer.values) for layer in layers]
         K = cands.shape[1]
         try:
@@ -222,7 +225,7 @@ class HFBackend(Backend):
         """Additive mask [B, 1, K, T + K]: K siblings each see the row's live slots and themselves."""
         return additive(sibling_visibility(slot_mask, K), self.dtype)
 
-    def _keep_hidden(self, out, held: torch.Tensor | None, order: list[int] | None = None) -> None:
+    def _keep_hidden(self, out: Any, held: torch.Tensor | None, order: list[int] | None = None) -> None:
         if not self.want_hidden:
             self.last_hidden = None
             return

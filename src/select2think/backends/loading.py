@@ -41,7 +41,9 @@ def _llamacpp(source: ModelSource, name: str) -> tuple[Backend, Any, list]:
     return load_llamacpp(path), tokenizer, []
 
 
-def load_backend(name: str, engine: str = "hf", dtype: str = "bf16", device: str = "auto"):
+def load_backend(
+    name: str, engine: str = "hf", dtype: str = "bf16", device: str = "auto"
+) -> tuple[Backend, Any, ModelSource, list]:
     """(backend, tokenizer, source, model EOS ids) for a model name, path or hub id."""
     from ..models.loading import load_model
 

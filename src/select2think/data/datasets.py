@@ -48,8 +48,8 @@ def read_jsonl(path: Path, question_field: str = "question", answer_field: str |
     except OSError as e:
         raise S2TError(f"cannot read dataset {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise S2TError(f"{path}:{line}: not UTF-8 text") from None
+        lineno = raw[: e.start].count(b"\n") + 1
+        raise S2TError(f"{path}:{lineno}: not UTF-8 text") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

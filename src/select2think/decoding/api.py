@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..backends.pair import ModelPair
 from ..errors import S2TError
@@ -63,7 +64,9 @@ def local_head(pair: ModelPair, cfg: DecodeConfig) -> ReservedHead:
     return ReservedHead(output_rows(pair.reserved_ids), 0.0, cfg.k)
 
 
-def _decode(pair: ModelPair, cfg: DecodeConfig, path: str, batch: Batch, head: ReservedHead | None):
+def _decode(
+    pair: ModelPair, cfg: DecodeConfig, path: str, batch: Batch, head: ReservedHead | None
+) -> tuple[list[RowState], DecodeStats]:
     if cfg.info.path == "llm-alone":
         return decode_reference(pair.require_llm(), None, batch, role="llm")
     if cfg.info.path == "local":
@@ -90,7 +93,7 @@ def generate(
     prompt_ids: list[list[int]] | None = None,
     on_commit: Callable[[RowState], None] | None = None,
     trigger: Trigger | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> GenerateResult:
     """Decode `prompts` with the configured policy. Batched output equals unbatched output."""
     cfg = config or DecodeConfig(**overrides)

@@ -49,7 +49,7 @@ class DecodeConfig:
     extra_eos: tuple[int, ...] = field(default=())
     local_mode: str = "coupled"  # s2t-local: coupled (adapter generates and scores) | decoupled (scores only)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise S2TError(f"unknown policy {self.policy!r}: use one of {', '.join(POLICIES)}")
         if self.trigger is None:

@@ -46,9 +46,10 @@ class LaggingCache:
         width = max((len(s) for s in seqs.values()), default=0)
         out: list[torch.Tensor | None] = [None] * B
         if width == 0:
-            return [
-                self.next_raw[r][None] if r in seqs and self.next_raw[r] is not None else None for r in range(B)
-            ], first
+            for r in seqs:
+                prev = self.next_raw[r]
+                out[r] = prev[None] if prev is not None else None
+            return out, first
         ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         live = torch.zeros((B, width), dtype=torch.bool)
         for r, s in seqs.items():
@@ -56,6 +57,7 @@ class LaggingCache:
                 ids[r, : len(s)] = torch.tensor(s)
                 live[r, : len(s)] = True
         logits = self.backend.extend(ids, live)
+        assert logits is not None
         for r in rows:
             n_pend, n_extra = len(self.pending[r]), len(extra[r])
             if n_pend:

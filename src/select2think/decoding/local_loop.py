@@ -31,7 +31,7 @@ def naive_hidden(scratch: Backend, prefix: list[int], cands: list[int]) -> torch
     scratch.want_hidden = True
     ids = torch.tensor([[*prefix, c] for c in cands])
     scratch.extend(ids, torch.ones_like(ids, dtype=torch.bool), logits=False)
-    return scratch.last_hidden[:, -1]
+    return scratch.hidden()[:, -1]
 
 
 class _Scoring:
@@ -54,8 +54,8 @@ class _Scoring:
         if self.lagging is not None:
             self.lagging.sync(rows)
             self.lagging.backend.score_siblings(rows, cands)
-            return None, self.lagging.backend.last_hidden
-        return self.slm.score_siblings(rows, cands), self.slm.last_hidden
+            return None, self.lagging.backend.hidden()
+        return self.slm.score_siblings(rows, cands), self.slm.hidden()
 
     def advance(self, rows: list[int], tokens: list[int], picks: dict[int, int]) -> None:
         """Rows emitted `tokens`; `picks` are the rows that fired and the candidate they kept."""
@@ -79,7 +79,7 @@ def decode_local(
     policy = batch.policy
     slm.want_hidden = True  # the learned trigger reads the hidden state; coupled scoring reads the siblings'
     rows, s_logits = batch.start(slm)
-    hidden = slm.last_hidden[:, -1]
+    hidden = slm.hidden()[:, -1]
     scoring = _Scoring(slm, scorer, batch, fast)
     while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
         active, s_lp = view.active, view.slm_logp
@@ -97,6 +97,7 @@ def decode_local(
         kept = raw is not None and len(js) == len(active)  # the sibling forward advanced every active row
         scoring.advance(active, tokens.tolist(), picks if scoring.lagging is not None else {})
         if kept:
+            assert raw is not None
             slm.keep_siblings(picks)
             n = torch.arange(len(js))
             s_logits = s_logits.clone()
@@ -114,6 +115,6 @@ def decode_local(
             break
         new = batch.next_logits(slm, feed, live)
         s_logits = torch.where(live.to(new.device), new, s_logits)
-        hidden = torch.where(live.to(new.device), slm.last_hidden[:, -1], hidden)
+        hidden = torch.where(live.to(new.device), slm.hidden()[:, -1], hidden)
     lagging = [scoring.lagging.backend] if scoring.lagging is not None else []
     return rows, totals(rows, t0, slm=[slm, *lagging])  # the reference's scratch forwards are not costed

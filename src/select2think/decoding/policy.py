@@ -46,10 +46,7 @@ class Policy:
 
     def fire(self, slm_logp, llm_logp, steps: torch.Tensor, keys, hidden=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(fired [N] bool, statistic [N]) for rows at generation steps `steps` [N]."""
-        if self.trigger.needs_hidden:
-            stat = self.trigger.statistic(slm_logp, llm_logp, keys, hidden=hidden)
-        else:
-            stat = self.trigger.statistic(slm_logp, llm_logp, keys)
+        stat = self.trigger.statistic(slm_logp, llm_logp, keys, hidden=hidden if self.trigger.needs_hidden else None)
         return (stat > self.threshold) & (steps >= self.warmup), stat
 
     def choose(self, slm_logp, llm_logp, fired: torch.Tensor, keys) -> torch.Tensor:

@@ -219,4 +219,6 @@ class Batch:
 
     def next_logits(self, backend: Backend, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Extend by ids/live [B, n]; the text logits [B, V] after each row's last token."""
-        return self.vocab.text_logits(backend.extend(ids, live, last_only=True)[:, -1])
+        raw = backend.extend(ids, live, last_only=True)
+        assert raw is not None
+        return self.vocab.text_logits(raw[:, -1])

@@ -20,8 +20,9 @@ def step_logprobs(
     backend.want_hidden = hidden
     ids = torch.tensor([prompt_ids + gen_ids])
     raw = backend.extend(ids, torch.ones_like(ids, dtype=torch.bool))
+    assert raw is not None
     span = slice(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(gen_ids))
-    h = backend.last_hidden[0, span] if hidden else None
+    h = backend.hidden()[0, span] if hidden else None
     backend.want_hidden = False
     backend.reset(0)
     return vocab.logprobs(raw[0, span]), h

@@ -22,22 +22,27 @@ class Trigger:
     needs_hidden = False  # wants the SLM's final hidden state [N, H] as `hidden`
 
     def statistic(
-        self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None
+        self,
+        slm_logp: torch.Tensor,
+        llm_logp: torch.Tensor | None,
+        keys: list | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One value per row [N]; `hidden` [N, H] is given to triggers that declare `needs_hidden`."""
         raise NotImplementedError
 
 
 class NeverTrigger(Trigger):
     name = "never"
 
-    def statistic(self, slm_logp, llm_logp=None, keys=None):
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         return torch.full(slm_logp.shape[:1], -math.inf, device=slm_logp.device)
 
 
 class AlwaysTrigger(Trigger):
     name = "always"
 
-    def statistic(self, slm_logp, llm_logp=None, keys=None):
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         return torch.full(slm_logp.shape[:1], math.inf, device=slm_logp.device)
 
 
@@ -58,7 +63,7 @@ class KLTrigger(Trigger):
     def __init__(self, reverse: bool = False):
         self.reverse = reverse
 
-    def statistic(self, slm_logp, llm_logp=None, keys=None):
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         if llm_logp is None:
             raise S2TError("the kl trigger needs the LLM's distribution")
         _, ids = _top_support(slm_logp)
@@ -77,7 +82,7 @@ class EntropyTrigger(Trigger):
 
     name = "entropy"
 
-    def statistic(self, slm_logp, llm_logp=None, keys=None):
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         logp, _ = _top_support(slm_logp)
         return -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
 
@@ -87,7 +92,7 @@ class MarginTrigger(Trigger):
 
     name = "margin"
 
-    def statistic(self, slm_logp, llm_logp=None, keys=None):
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         top2 = slm_logp.topk(2, dim=-1).values.exp()
         return 1.0 - (top2[:, 0] - top2[:, 1])
 
@@ -100,7 +105,7 @@ class RandomTrigger(Trigger):
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def statistic(self, slm_logp, llm_logp=None, keys=None):
+    def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         if keys is None:
             raise S2TError("the random trigger needs per-row keys")
         vals = []

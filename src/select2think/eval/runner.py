@@ -374,7 +374,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         pairs = {s.label: pair for s in specs}
         heads = {}
         for s in specs:
-            if s.trigger == "learned":
+            if s.trigger == "learned" and s.threshold_file:
                 from ..local.trigger_head import load_learned_trigger
 
                 heads[s.label] = load_learned_trigger(s.threshold_file)

@@ -93,6 +93,7 @@ def groups_for(pair, prompt_ids: list[int], gen: list[int], threshold: float, k:
     ids = prompt_ids + gen
     vocab = Vocab.of(pair)  # banned ids masked as decoding masks them
     s_lp, h = step_logprobs(pair.slm, prompt_ids, gen, vocab, hidden=True)
+    assert h is not None
     l_lp, _ = step_logprobs(pair.require_llm(), prompt_ids, gen, vocab)
     stat = KLTrigger().statistic(s_lp, l_lp)
     fired = (stat > threshold) & (torch.arange(len(gen), device=stat.device) >= warmup)

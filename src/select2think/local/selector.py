@@ -4,6 +4,7 @@ how it is validated and applied to a loaded pair for decoding."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from ..errors import S2TError
 from ..io import check_safetensors, read_json, write_json
 
 
-def save_selector(model, rows: torch.nn.Module, reserved, out: Path, meta: dict) -> None:
+def save_selector(model: Any, rows: Any, reserved: tuple[int, ...], out: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,7 @@ def gguf_path(source: ModelSource) -> Path:
     """A verified GGUF file for a packaged or local GGUF source (size and sha256 checked on every use,
     the hash remembered while the file is unchanged)."""
     if source.kind == "gguf":
+        assert source.location is not None  # resolve() sets it for every gguf source
         path = Path(source.location)
         if not path.is_file():
             raise S2TError(f"GGUF file not found: {path}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import S2TError
 
 N_RESERVED = 16
 
 
-def tokenizer_size(tokenizer) -> int:
+def tokenizer_size(tokenizer: Any) -> int:
     """Number of ids the tokenizer can produce (base vocabulary plus added tokens).
 
     GGUF files pad the vocabulary to the embedding size with placeholder tokens named `[PAD<id>]`;
@@ -23,7 +25,7 @@ def tokenizer_size(tokenizer) -> int:
     return n
 
 
-def first_token_mismatch(tok_a, tok_b) -> tuple[int, str | None, str | None] | None:
+def first_token_mismatch(tok_a: Any, tok_b: Any) -> tuple[int, str | None, str | None] | None:
     """The first id below both tokenizers' sizes at which they differ, or None if they agree.
 
     Sizes may differ only if one is a prefix of the other; then the first extra id is the mismatch.
@@ -38,7 +40,7 @@ def first_token_mismatch(tok_a, tok_b) -> tuple[int, str | None, str | None] | N
     return None
 
 
-def pick_reserved_ids(tokenizer, embedding_rows: int, n: int = N_RESERVED) -> tuple[int, ...] | None:
+def pick_reserved_ids(tokenizer: Any, embedding_rows: int, n: int = N_RESERVED) -> tuple[int, ...] | None:
     """Ids for S2T-Local's score head: unused padding rows first, else unused special tokens.
 
     Padding rows (ids >= tokenizer size) are never produced by the tokenizer. Special tokens are
@@ -59,7 +61,7 @@ def pick_reserved_ids(tokenizer, embedding_rows: int, n: int = N_RESERVED) -> tu
     return tuple(candidates[:n]) if len(candidates) >= n else None
 
 
-def check_tokenizers(slm_name: str, slm_tok, llm_name: str, llm_tok) -> None:
+def check_tokenizers(slm_name: str, slm_tok: Any, llm_name: str, llm_tok: Any) -> None:
     """Raise S2TError naming the first differing id if the tokenizers disagree."""
     mismatch = first_token_mismatch(slm_tok, llm_tok)
     if mismatch is not None:

@@ -27,6 +27,7 @@ class ModelSource:
     packages: tuple[str, ...] = ()  # pip distributions that carry the file(s)
     files: tuple[str, ...] = ()  # paths inside those distributions, in order
     sha256: str | None = None
+    size_bytes: int | None = None  # checked with the sha256 when known
     location: str | None = None  # local path or hub id
     tiny_layers: int = 0
     tiny_seed: int = 0
