@@ -116,7 +116,9 @@ def main() -> None:
         "decode_tok_s": round((args.steps - 1) / (t_end - t_first), 2),
     }
     result["same_tokens_b1"] = ours[0] == theirs
-    result["first_divergence"] = next((i for i, (a, b) in enumerate(zip(ours[0], theirs)) if a != b), None)
+    result["first_divergence"] = next(
+        (i for i, (a, b) in enumerate(zip(ours[0], theirs, strict=False)) if a != b), None
+    )
     del llm
 
     outs, preB, decB = backend_greedy(be, prompts, args.steps)
@@ -125,7 +127,9 @@ def main() -> None:
         "decode_tok_s": round(args.batch * (args.steps - 1) / decB, 2),
         "ms_per_step": round(1000 * decB / (args.steps - 1), 1),
     }
-    result["batch_speedup"] = round(result[f"backend_b{args.batch}"]["decode_tok_s"] / result["backend_b1"]["decode_tok_s"], 2)
+    result["batch_speedup"] = round(
+        result[f"backend_b{args.batch}"]["decode_tok_s"] / result["backend_b1"]["decode_tok_s"], 2
+    )
     result["row0_same_in_batch"] = outs[0] == ours[0]
     result["load_after"] = os.getloadavg()
     be.close()

@@ -10,13 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llama` builds it)")
+from select2think.backends.llamacpp import LlamaCppBackend, llama_cpp_module, load_llamacpp
+from select2think.errors import S2TError
+from select2think.models.registry import resolve
+from select2think.models.tiny import build_tiny
+from select2think.models.tiny_gguf import tiny_gguf_path
 
-from select2think.backends.llamacpp import LlamaCppBackend, load_llamacpp  # noqa: E402
-from select2think.errors import S2TError  # noqa: E402
-from select2think.models.registry import resolve  # noqa: E402
-from select2think.models.tiny import build_tiny  # noqa: E402
-from select2think.models.tiny_gguf import tiny_gguf_path  # noqa: E402
+try:
+    llama_cpp_module()
+except S2TError as e:  # not installed, or a runtime dependency missing: the message says which
+    pytest.skip(str(e), allow_module_level=True)
 
 NAME = "tiny-slm"
 EXACT = {"kv_type": "f32", "flash_attn": False}  # no f16 rounding: llama.cpp reproduces transformers' fp32
@@ -212,7 +215,9 @@ def test_score_and_keep_siblings(be):
 
 
 def test_siblings_in_several_decodes_when_sequence_ids_run_short(gguf_file):
-    small = LlamaCppBackend(gguf_file, n_ctx=1024, n_seq_max=7, n_threads=1, **EXACT)  # 3 rows + 4 scratch ids: 1 row/call
+    small = LlamaCppBackend(
+        gguf_file, n_ctx=1024, n_seq_max=7, n_threads=1, **EXACT
+    )  # 3 rows + 4 scratch ids: 1 row/call
     try:
         # the prefill, one decode per row's candidates, one more for the first row's winner
         assert _siblings_contract(small) == 4

@@ -22,6 +22,7 @@ so a `last_only` prefill with `want_hidden` set computes logits at every positio
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import deque
@@ -43,7 +44,7 @@ _log_lines: deque[str] = deque(maxlen=20)  # llama.cpp's recent log lines (shown
 _log_cb = None  # keeps the ctypes callback alive
 
 
-def _llama():
+def llama_cpp_module():
     """Import llama_cpp once: passive OpenMP waiting, backend initialised, its log captured instead of printed."""
     global _lib, _log_cb
     if _lib is not None:
@@ -137,7 +138,7 @@ class LlamaCppBackend(Backend):
         kv_type: str = "f16",
         flash_attn: bool | None = None,
     ):
-        lib = _llama()
+        lib = llama_cpp_module()
         self.lib = lib
         path = Path(gguf_path)
         if not path.is_file():
@@ -198,10 +199,8 @@ class LlamaCppBackend(Backend):
             self.model = None
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # -- the batch -----------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
@@ -237,33 +236,35 @@ class LlamaCppBackend(Backend):
         tokens = tokens.detach().cpu().long()
         live = live.detach().cpu().bool().clone()
         B, n = tokens.shape
-        if B != len(self._lengths):
+        if len(self._lengths) != B:
             raise ValueError(f"extend got {B} rows for a batch of {len(self._lengths)}")
         live[[r for r in range(B) if not self._alive[r]]] = False  # retired rows: inputs ignored, zeros out
         rows_idx, cols = live.nonzero(as_tuple=True)  # row-major: each row's tokens in order
         counts = live.sum(1)
         lengths = torch.tensor(self._lengths, dtype=torch.long)
         pos = lengths[rows_idx] + live.long().cumsum(1)[rows_idx, cols] - 1
-        if last_only:
-            want = cols == n - 1
-        else:
-            want = torch.full_like(cols, logits, dtype=torch.bool)
         if not logits:
-            want = torch.zeros_like(want)
+            want = torch.zeros_like(cols, dtype=torch.bool)
+        else:
+            want = cols == n - 1 if last_only else torch.ones_like(cols, dtype=torch.bool)
         n_tok = len(rows_idx)
         self._check_capacity(n_tok)
-        out_logits = torch.zeros(B, 1 if last_only else n, self.vocab_rows) if logits else None
+        n_cols = 1 if last_only else n
+        out_logits = None
         hidden = self.want_hidden and self.capabilities.hidden_states
         self.last_hidden = torch.zeros(B, n, self.hidden_size) if hidden else None
         if n_tok == 0:
-            return out_logits
+            return torch.zeros(B, n_cols, self.vocab_rows) if logits else None
         self._decode(tokens[rows_idx, cols], pos, rows_idx, want, hidden)
         if logits:
-            got = self._logits_out(want)
-            dest = out_logits.view(-1, self.vocab_rows)
-            col = torch.zeros_like(cols) if last_only else cols
+            got, owned = self._logits_out(want)
             sel = want.nonzero(as_tuple=True)[0]
-            dest[rows_idx[sel] * out_logits.shape[1] + col[sel]] = got
+            if len(sel) == B * n_cols:  # every output position is live (a decode step): no scatter
+                out_logits = (got if owned else got.clone()).view(B, n_cols, self.vocab_rows)
+            else:
+                col = torch.zeros_like(cols) if last_only else cols
+                out_logits = torch.zeros(B, n_cols, self.vocab_rows)
+                out_logits.view(-1, self.vocab_rows)[rows_idx[sel] * n_cols + col[sel]] = got
         if hidden:
             self.last_hidden.view(-1, self.hidden_size)[rows_idx * n + cols] = self._embeddings_out(n_tok)
         for r, c in enumerate(counts.tolist()):
@@ -296,7 +297,7 @@ class LlamaCppBackend(Backend):
         rows = list(rows)
         cands = cands.detach().cpu().long()
         R, K = cands.shape
-        if R != len(rows):
+        if len(rows) != R:
             raise ValueError(f"score_siblings got {len(rows)} rows and candidates for {R}")
         for r in rows:
             self._check_row(r)
@@ -330,7 +331,7 @@ class LlamaCppBackend(Backend):
                 for s in ids.reshape(-1):
                     self._seq_rm(int(s), -1, -1)
                 raise
-            out[chunk] = self._logits_out(want).view(len(chunk), K, self.vocab_rows)
+            out[chunk] = self._logits_out(want)[0].view(len(chunk), K, self.vocab_rows)
             if hidden:
                 self.last_hidden[chunk] = self._embeddings_out(len(tok)).view(len(chunk), K, self.hidden_size)
             self._count([rows[i] for i in chunk], [K] * len(chunk))
@@ -362,7 +363,7 @@ class LlamaCppBackend(Backend):
             for _, ids in held.values():
                 for s in ids or ():
                     self._seq_rm(s, -1, -1)
-        for r, k in picks.items():
+        for r in picks:
             if held[r][1] is not None:
                 self._lengths[r] += 1
         if redo:  # rows whose candidates were scored in an earlier chunk: decode their winner now
@@ -418,16 +419,15 @@ class LlamaCppBackend(Backend):
         self._n_batch_tokens = n
         self._want = want
 
-    def _logits_out(self, want: torch.Tensor) -> torch.Tensor:
-        """Logits of the tokens asked for, in batch order, copied out of llama.cpp's buffer [m, V]."""
+    def _logits_out(self, want: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Logits of the tokens asked for, in batch order [m, V], and whether the tensor is ours: a view of
+        llama.cpp's output buffer (valid until the next decode) unless it had to be gathered."""
         V = self.vocab_rows
-        if self._embeddings_on:  # every token was output: pick the asked-for ones
-            ptr = self.lib.llama_get_logits(self.ctx)
-            allv = np.ctypeslib.as_array(ptr, shape=(self._n_batch_tokens, V))
-            return torch.from_numpy(allv[want.numpy()].copy())
-        m = int(want.sum())
         ptr = self.lib.llama_get_logits(self.ctx)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(m, V)).copy())
+        if self._embeddings_on:  # every token was output: pick the asked-for ones
+            allv = np.ctypeslib.as_array(ptr, shape=(self._n_batch_tokens, V))
+            return torch.from_numpy(allv[want.numpy()]), True
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(int(want.sum()), V))), False
 
     def _embeddings_out(self, n: int) -> torch.Tensor:
         """Final hidden states (after the output norm) of all n tokens of the last decode [n, H]."""

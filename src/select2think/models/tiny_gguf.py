@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import S2TError
 from .cache import atomic_path, cache_root, gguf_path
 from .registry import resolve
