@@ -4,8 +4,9 @@
 
 Greedy decoding of `--steps` tokens after the same chat prompt: batch 1 through `LlamaCppBackend`
 (one `llama_decode` per step, full-vocabulary logits copied into a torch tensor, argmax in torch) and through
-`Llama.generate` (top_k=1), then the backend at `--batch` rows. Decode tokens/s exclude the prefill. Prints
-JSON. Run it with nothing else heavy on the machine (check `uptime`); compare within one run only.
+`Llama.generate` (top_k=1), both with flash attention and f16 KV cells, then the backend at `--batch` rows.
+Decode tokens/s exclude the prefill. Prints JSON. Run it with nothing else heavy on the machine (check
+`uptime`); compare within one run only.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     path = gguf_path(resolve(args.model))
-    be = load_llamacpp(path, n_ctx=4096, n_threads=args.threads)
+    be = load_llamacpp(path, n_ctx=4096, n_threads=args.threads, flash_attn=True)
     import llama_cpp
 
     vocab = be.lib.llama_model_get_vocab(be.model)
@@ -97,7 +98,12 @@ def main() -> None:
     }
 
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
+        model_path=str(path),
+        n_ctx=4096,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        flash_attn=True,  # as the backend (llama.cpp's "auto" turns it on for the CPU)
+        verbose=False,
     )
     llm.eval(prompts[0][:4])  # warm-up
     llm.reset()
