@@ -5,8 +5,8 @@
 Greedy decoding of `--steps` tokens after the same chat prompt: batch 1 through `LlamaCppBackend`
 (one `llama_decode` per step, full-vocabulary logits copied into a torch tensor, argmax in torch) and through
 `Llama.generate` (top_k=1), both with flash attention and f16 KV cells, alternating `--rounds` times (best
-of each compared), then the backend at `--batch` rows. Decode tokens/s exclude the prefill. Prints JSON. Run it with nothing else heavy on the machine (check
-`uptime`); compare within one run only.
+of each compared), then the backend at `--batch` rows. Decode tokens/s exclude the prefill. Prints JSON.
+Run it with nothing else heavy on the machine (check `uptime`); compare within one run only.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
         result[key] = {"decode_tok_s": [round(r, 2) for r in rates]}
     result["overhead_pct"] = round(100 * (1 - max(runs["backend_b1"]) / max(runs["llama_generate_b1"])), 1)
     result["same_tokens_b1"] = ours[0] == theirs
-    del llm
+    llm.close()
 
     outs, preB, decB = backend_greedy(be, prompts, args.steps)
     result[f"backend_b{args.batch}"] = {
