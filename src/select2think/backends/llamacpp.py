@@ -252,21 +252,27 @@ class LlamaCppBackend(Backend):
         n_cols = 1 if last_only else n
         out_logits = None
         hidden = self.want_hidden and self.capabilities.hidden_states
-        self.last_hidden = torch.zeros(B, n, self.hidden_size) if hidden else None
+        # outputs are assembled in numpy: torch's intra-op threads turn a 600 KB copy into ~15 ms when
+        # another process holds the cores (measured), numpy copies on the calling thread
+        V, H = self.vocab_rows, self.hidden_size
+        self.last_hidden = torch.from_numpy(np.zeros((B, n, H), np.float32)) if hidden else None
         if n_tok == 0:
-            return torch.zeros(B, n_cols, self.vocab_rows) if logits else None
+            return torch.from_numpy(np.zeros((B, n_cols, V), np.float32)) if logits else None
         self._decode(tokens[rows_idx, cols], pos, rows_idx, want, hidden)
         if logits:
             got, owned = self._logits_out(want)
             sel = want.nonzero(as_tuple=True)[0]
             if len(sel) == B * n_cols:  # every output position is live (a decode step): no scatter
-                out_logits = (got if owned else got.clone()).view(B, n_cols, self.vocab_rows)
+                arr = got if owned else got.copy()
             else:
                 col = torch.zeros_like(cols) if last_only else cols
-                out_logits = torch.zeros(B, n_cols, self.vocab_rows)
-                out_logits.view(-1, self.vocab_rows)[rows_idx[sel] * n_cols + col[sel]] = got
+                arr = np.zeros((B * n_cols, V), np.float32)
+                arr[(rows_idx[sel] * n_cols + col[sel]).numpy()] = got
+            out_logits = torch.from_numpy(arr.reshape(B, n_cols, V))
         if hidden:
-            self.last_hidden.view(-1, self.hidden_size)[rows_idx * n + cols] = self._embeddings_out(n_tok)
+            hid = np.zeros((B * n, H), np.float32)
+            hid[(rows_idx * n + cols).numpy()] = self._embeddings_out(n_tok)
+            self.last_hidden = torch.from_numpy(hid.reshape(B, n, H))
         for r, c in enumerate(counts.tolist()):
             self._lengths[r] += c
         alive_rows = [r for r in range(B) if self._alive[r]]
@@ -311,8 +317,8 @@ class LlamaCppBackend(Backend):
                 f"{self.n_seq_max} are free: raise n_seq_max (at most {LLAMA_MAX_SEQ}) or lower the batch size"
             )
         hidden = self.want_hidden and self.capabilities.hidden_states
-        out = torch.zeros(R, K, self.vocab_rows)
-        self.last_hidden = torch.zeros(R, K, self.hidden_size) if hidden else None
+        out = np.zeros((R, K, self.vocab_rows), np.float32)
+        hid = np.zeros((R, K, self.hidden_size), np.float32) if hidden else None
         held: dict[int, tuple[int, list[int] | None]] = {}  # row -> (its length, scratch ids holding its K cells)
         for start in range(0, R, max(per_call, 1)):
             chunk = list(range(start, min(R, start + per_call)))
@@ -331,9 +337,9 @@ class LlamaCppBackend(Backend):
                 for s in ids.reshape(-1):
                     self._seq_rm(int(s), -1, -1)
                 raise
-            out[chunk] = self._logits_out(want)[0].view(len(chunk), K, self.vocab_rows)
+            out[chunk] = self._logits_out(want)[0].reshape(len(chunk), K, self.vocab_rows)
             if hidden:
-                self.last_hidden[chunk] = self._embeddings_out(len(tok)).view(len(chunk), K, self.hidden_size)
+                hid[chunk] = self._embeddings_out(len(tok)).reshape(len(chunk), K, self.hidden_size)
             self._count([rows[i] for i in chunk], [K] * len(chunk))
             last = start + per_call >= R
             for j, i in enumerate(chunk):
@@ -342,7 +348,8 @@ class LlamaCppBackend(Backend):
                 for s in ids.reshape(-1):
                     self._seq_rm(int(s), -1, -1)
         self._pending = {"held": held, "cands": {r: cands[i] for i, r in enumerate(rows)}}
-        return out
+        self.last_hidden = torch.from_numpy(hid) if hidden else None
+        return torch.from_numpy(out)
 
     def keep_siblings(self, picks: dict[int, int]) -> None:
         pending, self._pending = self._pending, None
@@ -419,22 +426,23 @@ class LlamaCppBackend(Backend):
         self._n_batch_tokens = n
         self._want = want
 
-    def _logits_out(self, want: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Logits of the tokens asked for, in batch order [m, V], and whether the tensor is ours: a view of
+    def _logits_out(self, want: torch.Tensor) -> tuple[np.ndarray, bool]:
+        """Logits of the tokens asked for, in batch order [m, V], and whether the array is ours: a view of
         llama.cpp's output buffer (valid until the next decode) unless it had to be gathered."""
         V = self.vocab_rows
         ptr = self.lib.llama_get_logits(self.ctx)
         if self._embeddings_on:  # every token was output: pick the asked-for ones
             allv = np.ctypeslib.as_array(ptr, shape=(self._n_batch_tokens, V))
-            return torch.from_numpy(allv[want.numpy()]), True
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(int(want.sum()), V))), False
+            return allv[want.numpy()], True
+        return np.ctypeslib.as_array(ptr, shape=(int(want.sum()), V)), False
 
-    def _embeddings_out(self, n: int) -> torch.Tensor:
-        """Final hidden states (after the output norm) of all n tokens of the last decode [n, H]."""
+    def _embeddings_out(self, n: int) -> np.ndarray:
+        """Final hidden states (after the output norm) of all n tokens of the last decode [n, H]: a view of
+        llama.cpp's buffer, valid until the next decode."""
         ptr = self.lib.llama_get_embeddings(self.ctx)
         if not ptr:
             raise S2TError("llama.cpp returned no hidden states")
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n, self.hidden_size)).copy())
+        return np.ctypeslib.as_array(ptr, shape=(n, self.hidden_size))
 
 
 def _last_error() -> str:
