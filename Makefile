@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export S2T_CACHE ?= $(HOME)/.cache/select2think
 
-.PHONY: install models demo test test-fast lint bench eval-gsm8k selector clean
+.PHONY: install models llama demo test test-fast lint bench eval-gsm8k eval-gsm8k-llama selector clean
 
 $(VENV)/.installed: pyproject.toml requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,27 @@ $(VENV)/.models: $(VENV)/.installed requirements/models.txt
 
 install: $(VENV)/.installed
 
+# The llama.cpp engine (optional): llama-cpp-python has no CPU wheel on PyPI, so pip compiles llama.cpp.
+# Its runtime deps (numpy, typing-extensions, diskcache, jinja2) are small and pull no torch. A failed build
+# is not fatal: everything still runs on the transformers backend.
+LLAMA_PIN := llama-cpp-python==0.3.36
+$(VENV)/.llama: $(VENV)/.installed
+	@echo "building $(LLAMA_PIN) from source: 4-9 minutes on 2 cores"
+	@if $(PIP) "$(LLAMA_PIN)"; then touch $@; else \
+		echo "llama-cpp-python failed to build; the transformers backend still works."; \
+		echo "Retry with: make llama  (needs a C++ compiler and cmake; full log: $(PY) -m pip install -v $(LLAMA_PIN))"; \
+	fi
+
+llama: $(VENV)/.llama
+
 models: $(VENV)/.models
 
-demo: $(VENV)/.models
+# the demo runs on llama.cpp when it built (3-5x faster here), else on transformers
+demo: $(VENV)/.models $(VENV)/.llama
 	$(VENV)/bin/s2t demo
 
-test: $(VENV)/.installed
+# the backend contract runs against llama.cpp too when it built (a tiny GGUF the tests write themselves)
+test: $(VENV)/.installed $(VENV)/.llama
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed
