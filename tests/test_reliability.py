@@ -126,7 +126,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
 
 
 def test_missing_threshold_file_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    import select2think.models.pair as pair_mod
+    import select2think.backends as pair_mod
 
     def no_models(*a, **k):
         raise AssertionError("models loaded before the inputs were checked")
