@@ -72,6 +72,18 @@ eval-gsm8k: $(EVAL_OUT)/kl99.json $(EVAL_OUT)/kl90.json
 		--batch-size $(EVAL_BATCH) $(foreach p,$(EVAL_POLICIES),--policy $(p)) --out $(EVAL_OUT)
 	$(VENV)/bin/s2t report $(EVAL_OUT)
 
+# The same table's greedy, LLM-alone and S2T kl q0.90 rows on the llama.cpp engine (calibrated on it too).
+LLAMA_OUT ?= runs/gsm8k200-llama
+LLAMA_BATCH ?= 8
+$(LLAMA_OUT)/kl90.json: | $(VENV)/.models $(VENV)/.llama
+	$(VENV)/bin/s2t calibrate --backend llama.cpp --trigger kl --quantile 0.90 --dataset gsm_symbolic:calib --limit 20 --out $@
+
+eval-gsm8k-llama: $(LLAMA_OUT)/kl90.json
+	$(VENV)/bin/s2t eval --backend llama.cpp --llm qwen2.5-coder-1.5b-instruct --dataset gsm8k --limit $(EVAL_N) \
+		--max-new-tokens 512 --batch-size $(LLAMA_BATCH) --policy greedy --policy llm --policy s2t=$(LLAMA_OUT)/kl90.json \
+		--out $(LLAMA_OUT)
+	$(VENV)/bin/s2t report $(LLAMA_OUT)
+
 # The shipped S2T-Local bundle, from scratch: the LLM's selections on 64 gsm_symbolic:train problems (kl q0.90,
 # K = 16), the 16 reserved rows fit on cached hidden states (settings chosen by 5-fold cross-validation on the
 # training problems: benchmarks/head_sweep.py), the learned trigger, then the bundle. About 45 min on the 2-core

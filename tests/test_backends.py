@@ -126,3 +126,33 @@ def test_engines_agree_on_the_same_weights():
     hf, cpp = make("hf"), make("llama.cpp")
     for p in PROMPTS:
         assert close(last_logits(cpp, p), last_logits(hf, p), "llama.cpp")  # tight (1e-4) in test_llamacpp.py
+
+
+def _one_error_line(capsys, argv) -> str:
+    from select2think.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_llamacpp_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    hf_dir = tmp_path / "hf-model"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    err = _one_error_line(capsys, ["generate", "--backend", "llama.cpp", "--slm", str(hf_dir), "hi"])
+    assert "needs a GGUF model" in err and "qwen2.5-coder-0.5b-instruct" in err
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert "empty.gguf" in _one_error_line(capsys, ["generate", "--backend", "llama.cpp", "--slm", str(empty), "hi"])
+    torn = tmp_path / "torn.gguf"
+    torn.write_bytes(b"GGUF" + b"\0" * 64)
+    assert "torn.gguf" in _one_error_line(capsys, ["generate", "--backend", "llama.cpp", "--slm", str(torn), "hi"])
+    assert "unknown backend" in _one_error_line(capsys, ["generate", "--backend", "vllm", "hi"])
+    import select2think.backends.llamacpp as cpp
+
+    monkeypatch.setattr(cpp, "_lib", None)
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if it were not installed
+    err = _one_error_line(capsys, ["generate", "--backend", "llama.cpp", "--slm", "tiny-slm", "hi"])
+    assert "make llama" in err

@@ -7,6 +7,7 @@ import contextlib
 import functools
 from pathlib import Path
 
+from ..errors import S2TError
 from .cache import atomic_path, converted_dir, gguf_path
 from .registry import ModelSource, resolve
 
@@ -42,8 +43,13 @@ def gguf_tokenizer(source: ModelSource, gguf: Path | None = None):
     key = source.name if source.kind != "gguf" else converted_dir(source, "bf16").parent.name
     dest = cache_root() / "tokenizers" / key.replace("/", "_")
     if not (dest / "tokenizer_config.json").is_file():
-        with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # a damaged GGUF fails anywhere inside the reader
+            raise S2TError(
+                f"cannot read the tokenizer of GGUF file {gguf}: {(str(e).splitlines() or [''])[0]}"
+            ) from None
         with atomic_path(dest, is_dir=True) as tmp:
             tok.save_pretrained(tmp)
     with quiet_transformers():
