@@ -1,0 +1,55 @@
+"""Quantities that training and inference both compute come from one function: these tests say the numbers
+agree where each side computes them."""
+
+import numpy as np
+import torch
+
+from select2think import DecodeConfig, generate
+from select2think.decoding.teacher import step_logprobs
+from select2think.decoding.triggers import step_features
+from select2think.decoding.vocab import Vocab
+from select2think.local.collect import groups_for
+from select2think.models.chat import encode_prompts
+
+
+def _decode_logprobs(pair, prompt_ids):
+    """The SLM's log-probs [T, V] at each step of a greedy decode, as decoding saw them."""
+    seen = []
+
+    class Recording:  # a trigger that records what the decode loop gives it and never fires
+        name, needs_llm, needs_hidden = "record", False, False
+
+        def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
+            seen.append(slm_logp.clone())
+            return torch.full(slm_logp.shape[:1], -float("inf"))
+
+    res = generate(
+        pair,
+        [""],
+        DecodeConfig(policy="s2t", trigger="kl", threshold=0.0, max_new_tokens=12, fast=False),
+        prompt_ids=[prompt_ids],
+        trigger=Recording(),
+    )
+    return torch.cat(seen), res.generations[0].token_ids
+
+
+def test_teacher_forcing_and_features_equal_what_decoding_saw(tiny_pair):
+    banned = (17, 42)  # masked ids must be masked on both sides
+    pair = type(tiny_pair)(**{**tiny_pair.__dict__, "reserved_ids": banned})
+    ids = encode_prompts(pair.tokenizer, ["What is 2+2?"], True)[0]
+    live, gen = _decode_logprobs(pair, ids)
+    forced, _ = step_logprobs(pair.slm, ids, gen, Vocab.of(pair))
+    assert torch.isinf(forced[:, list(banned)]).all()
+    assert torch.allclose(forced, live, atol=1e-4)
+    _, feats = groups_for(pair, ids, gen, threshold=1e9, k=8, warmup=3)
+    assert np.allclose(feats["features"], step_features(live).numpy(), atol=1e-4)
+
+
+def test_selector_training_and_the_learned_trigger_hold_out_the_same_problems(tmp_path):
+    from select2think.local.objective import TrainConfig, split_groups
+    from select2think.local.split import validation_problems
+
+    groups = [{"item": f"p{i}", "candidates": [1, 2], "llm_probs": [0.5, 0.5]} for i in range(20) for _ in range(3)]
+    cfg = TrainConfig(slm="x", groups="", out="", val_fraction=0.2)
+    _, val = split_groups(groups, cfg)
+    assert {g["item"] for g in val} == validation_problems([f"p{i}" for i in range(20)], 0.2, cfg.seed)
