@@ -7,6 +7,9 @@ Greedy decoding of `--steps` tokens after the same chat prompt: batch 1 through 
 `Llama.generate` (top_k=1), both with flash attention and f16 KV cells, alternating `--rounds` times (best
 of each compared), then the backend at `--batch` rows. Decode tokens/s exclude the prefill. Prints JSON.
 Run it with nothing else heavy on the machine (check `uptime`); compare within one run only.
+
+One run (2-core CPU, --threads 1, load ~2, 0.5B Q4_K_M): batch 1 backend 14.6 / 14.4 tok/s vs Llama.generate
+14.9 / 14.9 (same 128 tokens); backend batch 8: 37.2 tok/s (2.55x batch 1), row 0 unchanged by batching.
 """
 
 from __future__ import annotations
