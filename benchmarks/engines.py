@@ -100,14 +100,22 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--quantile", type=float, default=0.99)
     ap.add_argument("--calib", type=int, default=8, help="gsm_symbolic:calib problems for the kl threshold")
+    ap.add_argument("--greedy-only", action="store_true", help="only section 1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     prompts = [math_prompt(i.question) for i in load_dataset("gsm_symbolic:dev").take(args.n)]
     engines = {e: load_pair(SLM, LLM, backend=e) for e in ("hf", "llama.cpp")}
-    report: dict = {"n": args.n, "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()}
+    report: dict = {
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "llama_threads": engines["llama.cpp"].slm.n_threads,
+    }
     report["greedy"] = greedy_speed(engines, prompts, args.max_new_tokens)
     print(json.dumps(report, indent=2), flush=True)
+    if args.greedy_only:
+        return
     cpp = engines["llama.cpp"]
     calib = [math_prompt(i.question) for i in load_dataset("gsm_symbolic:calib").take(args.calib)]
     cal = calibrate(cpp, calib, "kl", args.quantile, "gsm_symbolic:calib", max_new_tokens=args.max_new_tokens)
