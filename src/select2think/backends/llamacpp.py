@@ -72,8 +72,9 @@ def llama_cpp_module():
 
 
 def default_threads() -> int:
-    """`$S2T_LLAMA_THREADS`, else 1 (measured: two busy OpenMP threads collapse when another process runs)."""
-    value = os.environ.get("S2T_LLAMA_THREADS", "1")
+    """`$S2T_LLAMA_THREADS`, else every core up to 8. OpenMP threads wait passively (set on import): busy-waiting
+    threads collapsed whenever another process shared the cores (docs/results.md, "Engines")."""
+    value = os.environ.get("S2T_LLAMA_THREADS", str(min(os.cpu_count() or 1, 8)))
     try:
         n = int(value)
     except ValueError:
@@ -118,7 +119,7 @@ class LlamaCppBackend(Backend):
     n_ctx: KV cells shared by all rows (a batch's total tokens, siblings included, must fit);
     n_seq_max: sequence ids usable by rows plus sibling scratch (llama.cpp allows at most 256);
     n_batch: tokens in one call (default n_ctx: any call that fits the cache); n_ubatch: tokens per
-    compute step; n_threads: default `$S2T_LLAMA_THREADS` else 1; hidden_states: allow `want_hidden`;
+    compute step; n_threads: default `$S2T_LLAMA_THREADS` else every core up to 8; hidden_states: allow `want_hidden`;
     kv_type: the KV cache cells' type; flash_attn: None lets llama.cpp choose (on, for the CPU). The
     defaults are llama.cpp's (f16 cells, flash attention): logits within ~1e-3 of the scale of transformers'
     fp32; kv_type="f32" with flash_attn=False reproduces them to float rounding (slower).
