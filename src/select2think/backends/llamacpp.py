@@ -28,6 +28,7 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ _log_lines: deque[str] = deque(maxlen=20)  # llama.cpp's recent log lines (shown
 _log_cb = None  # keeps the ctypes callback alive
 
 
-def llama_cpp_module():
+def llama_cpp_module() -> Any:
     """Import llama_cpp once: passive OpenMP waiting, backend initialised, its log captured instead of printed."""
     global _lib, _log_cb
     if _lib is not None:
@@ -57,7 +58,7 @@ def llama_cpp_module():
         raise S2TError(f"{INSTALL_HINT} ({e})") from None
 
     @llama_cpp.llama_log_callback
-    def _log(level, text, user_data):
+    def _log(level: int, text: bytes, user_data: Any) -> None:
         line = text.decode("utf-8", "replace").strip() if text else ""
         if line:
             _log_lines.append(line)
@@ -87,7 +88,7 @@ def default_threads() -> int:
 class _Batch:
     """A llama_batch over buffers we own (numpy), one sequence id per token, filled without a Python loop."""
 
-    def __init__(self, lib, capacity: int):
+    def __init__(self, lib: Any, capacity: int):
         self.lib = lib
         self.capacity = capacity
         self.token = np.zeros(capacity, dtype=np.int32)
@@ -97,7 +98,7 @@ class _Batch:
         self.seq_ptrs = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)  # seq_id[i] -> &seq[i]
         self.output = np.zeros(capacity, dtype=np.int8)
 
-    def fill(self, token: np.ndarray, pos: np.ndarray, seq: np.ndarray, output: np.ndarray):
+    def fill(self, token: np.ndarray, pos: np.ndarray, seq: np.ndarray, output: np.ndarray) -> Any:
         n = len(token)
         self.token[:n], self.pos[:n], self.seq[:n], self.output[:n] = token, pos, seq, output
         p = ctypes.POINTER
@@ -199,7 +200,7 @@ class LlamaCppBackend(Backend):
             self.lib.llama_model_free(self.model)
             self.model = None
 
-    def __del__(self):
+    def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
 
@@ -213,7 +214,7 @@ class LlamaCppBackend(Backend):
         self.lib.llama_memory_clear(self.mem, True)
         self._lengths = [0] * batch_size
         self._alive = [True] * batch_size
-        self._pending = None  # provisional siblings of the last score_siblings
+        self._pending: dict[str, Any] | None = None  # provisional siblings of the last score_siblings
         self.last_hidden = None
         self._reset_counters(batch_size)
 
@@ -339,7 +340,7 @@ class LlamaCppBackend(Backend):
                     self._seq_rm(int(s), -1, -1)
                 raise
             out[chunk] = self._logits_out(want)[0].reshape(len(chunk), K, self.vocab_rows)
-            if hidden:
+            if hid is not None:
                 hid[chunk] = self._embeddings_out(len(tok)).reshape(len(chunk), K, self.hidden_size)
             self._count([rows[i] for i in chunk], [K] * len(chunk))
             last = start + per_call >= R
@@ -406,7 +407,9 @@ class LlamaCppBackend(Backend):
         if not self.lib.llama_memory_seq_rm(self.mem, seq, p0, p1):
             raise S2TError(f"llama.cpp refused to remove positions [{p0}, {p1}) of sequence {seq}")
 
-    def _decode(self, tok: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, want: torch.Tensor, hidden: bool):
+    def _decode(
+        self, tok: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, want: torch.Tensor, hidden: bool
+    ) -> None:
         lib = self.lib
         n = len(tok)
         if n > self._batch.capacity:
@@ -452,6 +455,6 @@ def _last_error() -> str:
     return line.splitlines()[0]
 
 
-def load_llamacpp(gguf_path: str | Path, **kw) -> LlamaCppBackend:
+def load_llamacpp(gguf_path: str | Path, **kw: Any) -> LlamaCppBackend:
     """A `LlamaCppBackend` on a GGUF file (see the class for the knobs)."""
     return LlamaCppBackend(gguf_path, **kw)
