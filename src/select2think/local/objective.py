@@ -4,6 +4,8 @@ training (LoRA + rows in train.py, rows alone in head_only.py) use these."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from ..backends.tree import additive, sibling_visibility
 from ..decoding.local_scorer import score_from_logits, with_prior
 from ..errors import S2TError
-from ..io import read_jsonl
+from ..io import read_jsonl, sha256_of
 from .split import validation_problems
 
 
@@ -145,13 +147,33 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb).item() / den) if den else 0.0
 
 
+def group_files(groups_dir: str | Path) -> list[Path]:
+    """The groups files `s2t collect` wrote in a directory: `groups.jsonl` (one shard) and/or
+    `groups.shardIofN.jsonl`, in shard order."""
+    d = Path(groups_dir)
+    shards = sorted(d.glob("groups.shard*of*.jsonl"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)])
+    return [p for p in [d / "groups.jsonl", *shards] if p.is_file()]
+
+
+def groups_sha256(groups_dir: str | Path) -> str:
+    """The groups' content: one file's sha256, or (shards) the sha256 of the files' names and sha256s."""
+    files = group_files(groups_dir)
+    if len(files) == 1:
+        return sha256_of(files[0])
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name} {sha256_of(p)}\n".encode())
+    return h.hexdigest()
+
+
 def load_groups(groups_dir: str | Path, max_groups: int | None = None) -> list[dict]:
-    path = Path(groups_dir) / "groups.jsonl"
-    if not path.is_file():
+    """Every group of every shard, in shard order."""
+    files = group_files(groups_dir)
+    if not files:
         raise S2TError(f"no groups.jsonl in {groups_dir}: run `s2t collect` first")
-    groups = [dict(g, item=r["item"]) for r in read_jsonl(path) for g in r["groups"]]
+    groups = [dict(g, item=r["item"]) for path in files for r in read_jsonl(path) for g in r["groups"]]
     if not groups:
-        raise S2TError(f"{path} holds no groups")
+        raise S2TError(f"{groups_dir} holds no groups")
     return groups[:max_groups] if max_groups else groups
 
 
