@@ -197,3 +197,46 @@ def test_gsm_symbolic_train_gives_thousands_of_problems_disjoint_from_calib_and_
     assert not {it.question for it in train} & {it.question for it in held}
     assert not {it.id for it in train} & {it.id for it in held}
     assert [it.id for it in load_gsm_symbolic("train", limit=200).items] == [it.id for it in train[:200]]
+
+
+def test_one_tree_forward_per_trajectory_gives_each_groups_candidate_hidden_states(tiny_pair):
+    from select2think.local.objective import candidate_hidden, prefix_logp, trajectory_candidate_hidden
+
+    model = tiny_pair.slm_module()
+    ids = list(range(5, 45))
+    lens, cands = [7, 20, 20, 33, 40], [[3, 9, 11], [4, 8, 15], [16, 23, 42], [1, 2, 3], [50, 60, 70]]
+    hidden, prefix = trajectory_candidate_hidden(model, ids, lens, cands, per_forward=2)
+    logp = prefix_logp(model, prefix, torch.tensor(cands), tiny_pair.vocab_size)
+    for g, (P, c) in enumerate(zip(lens, cands, strict=True)):
+        ref = candidate_hidden(model, ids[:P], c, "tree", with_prefix=True)
+        assert torch.allclose(hidden[g], ref[1:], atol=1e-4)
+        assert torch.allclose(
+            logp[g], prefix_logp(model, ref[:1], torch.tensor([c]), tiny_pair.vocab_size)[0], atol=1e-4
+        )
+
+
+def test_candidate_hidden_from_collect_is_what_head_only_computes(tmp_path, monkeypatch):
+    import select2think.local.head_only as head_mod
+    from select2think.local.head_only import CollectedCandidates, group_features
+    from select2think.local.objective import TrainConfig
+
+    out = tmp_path / "g"
+    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 2, "max_new_tokens": 16}
+    run_collect(_cfg(out=str(out), candidate_hidden=True, **kw), progress=False)
+    groups = load_groups(out)
+    z = np.load(out / "features" / f"{groups[0]['item']}.npz")
+    assert len(z["cand_steps"]) == len([g for g in groups if g["item"] == groups[0]["item"]])  # short prompts
+    cfg = TrainConfig(slm="tiny-slm", groups=str(out), out="", dtype="fp32", checkpoint_every=1000)
+    from select2think import load_pair
+
+    slm = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    model, V = slm.slm_module(), slm.vocab_size
+    assert CollectedCandidates(cfg).usable
+    with monkeypatch.context() as m:  # every group comes from the collected features: no per-group forward
+        m.setattr(head_mod, "candidate_hidden", lambda *a, **k: pytest.fail("recomputed a collected group"))
+        fast_h, fast_lp = group_features(model, groups, V, cfg, progress=False)
+    other = TrainConfig(**{**cfg.__dict__, "groups": str(out), "layout": "naive"})  # not collected: computed
+    assert not CollectedCandidates(other).usable
+    ref_h, ref_lp = group_features(model, groups, V, other, progress=False)
+    assert torch.allclose(fast_h, ref_h, atol=2e-2, rtol=1e-2)  # fp16 on disk
+    assert torch.allclose(fast_lp, ref_lp, atol=1e-4)

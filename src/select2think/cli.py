@@ -370,6 +370,11 @@ def collect(
         "slm: greedy SLM decode, then one teacher-forced LLM forward per problem (cheaper)",
     ),
     shard: str = typer.Option("0/1", help="i/n: items i, i+n, ... into groups.shardIofN.jsonl (train merges shards)"),
+    candidate_hidden: bool = typer.Option(
+        False,
+        help="also write the candidates' hidden states for `s2t train --head-only` "
+        "(one tree forward per trajectory; hf backend)",
+    ),
 ):
     """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups, in one pass per problem
     (rerun the same command to resume)."""
@@ -392,6 +397,7 @@ def collect(
             backend=backend,
             trajectory=trajectory,
             shard=parse_shard(shard),
+            candidate_hidden=candidate_hidden,
         )
     )
     console.print(f"{len(load_groups(out))} groups in {out} (all shards)")

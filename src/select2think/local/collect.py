@@ -16,10 +16,13 @@ warm-up): (context, the SLM's top-K, the LLM's probabilities on them, the SLM's)
 learned-trigger features (entropy, margin, top-8 probabilities, the SLM's final hidden state at the
 prefix) in `features/ITEM.npz`.
 
-Candidates' hidden states (head-only training) are not written here: the decode has the SLM's hidden
-state at each step's prefix, which is the learned trigger's input, not the hidden states of the K
-candidate tokens placed after it; those need the candidates through the SLM (`local/head_only.py`
-computes them in its own pass, cached).
+Candidates' hidden states (head-only training): the decode has the SLM's hidden state at each step's
+prefix (the learned trigger's input), not the hidden states of the K candidate tokens placed after it,
+and draft and verify's SLM cache has moved past a step by the time the LLM says it fired. So with
+`--candidate-hidden` (transformers backend) one extra SLM forward per problem (per 32 groups) lays the
+trajectory out as a tree, every group's K candidates as siblings after their prefix, and writes their
+hidden states (fp16) and log-probs into `features/ITEM.npz` for the groups whose context is their whole
+prefix; `local/head_only.py` reads those and runs its own forward (one per group) only for the rest.
 
 Shards (`--shard i/n`) take items i, i+n, ... of the dataset and append to their own
 `groups.shardIofN.jsonl` (one shard: `groups.jsonl`); `objective.load_groups` merges them. Features are one
@@ -59,7 +62,7 @@ from ..io import (
 )
 from ..models.chat import encode_prompts
 from ..progress import Progress
-from .objective import group_files
+from .objective import group_files, prefix_logp, trajectory_candidate_hidden
 
 GROUP_K = 16
 CONTEXT = 511
@@ -91,6 +94,7 @@ class CollectConfig:
     backend: str = "hf"
     trajectory: str = "s2t"
     shard: tuple[int, int] = field(default=(0, 1))
+    candidate_hidden: bool = False  # also the candidates' hidden states for head-only training (hf backend)
 
     def __post_init__(self):
         if self.limit < 1:
@@ -136,7 +140,8 @@ def check_settings(cfg: CollectConfig, out: Path) -> None:
     if path.is_file():
         old = read_json(path, "collect settings")
         old_id = dict(old.get("identity", {})) if isinstance(old, dict) else {}
-        old_id.setdefault("trajectory", "s2t")  # directories from before --trajectory were all s2t
+        old_id.setdefault("trajectory", "s2t")  # directories from before these options: s2t, no candidates
+        old_id.setdefault("candidate_hidden", False)
         diff = differences(old_id, cfg.identity())
         if diff:
             raise S2TError(f"{out} holds groups collected with other settings ({diff}): use another --out")
@@ -256,8 +261,36 @@ def collect_batch(
         if cfg.trajectory == "slm":
             l_lp, _ = step_logprobs(pair.require_llm(), p_ids, g.token_ids, vocab)
         groups, feats = rec.finish(r, p_ids, g.token_ids, threshold, cfg.warmup, l_lp)
+        if cfg.candidate_hidden:
+            feats.update(candidate_features(pair, p_ids + g.token_ids, len(p_ids), groups))
         out.append((g.token_ids, groups, feats))
     return out
+
+
+def candidate_features(pair, ids: list[int], prompt_len: int, groups: list[dict]) -> dict:
+    """Head-only training's inputs for the groups whose context is the whole prefix (not cut to CONTEXT
+    tokens; the others are left to head_only's own pass): their steps, candidates, the candidates' final
+    hidden states (fp16) and the SLM's log-probs of them, from one tree forward over the trajectory
+    (objective.trajectory_candidate_hidden) per 32 groups instead of one forward over the prefix per group."""
+    model = pair.slm_module()
+    whole = [g for g in groups if prompt_len + g["step"] <= CONTEXT]
+    H = model.get_output_embeddings().weight.shape[1]
+    if not whole:
+        return {
+            "cand_steps": np.zeros(0, np.int64),
+            "cand_ids": np.zeros((0, 0), np.int64),
+            "cand_hidden": np.zeros((0, 0, H), np.float16),
+            "cand_logp": np.zeros((0, 0), np.float32),
+        }
+    cands = [g["candidates"] for g in whole]
+    hidden, prefix = trajectory_candidate_hidden(model, ids, [prompt_len + g["step"] for g in whole], cands)
+    logp = prefix_logp(model, prefix, torch.tensor(cands), pair.vocab_size)
+    return {
+        "cand_steps": np.array([g["step"] for g in whole], np.int64),
+        "cand_ids": np.array(cands, np.int64),
+        "cand_hidden": hidden.float().cpu().numpy().astype(np.float16),
+        "cand_logp": logp.float().cpu().numpy(),
+    }
 
 
 def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:

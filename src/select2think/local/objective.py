@@ -101,6 +101,55 @@ def candidate_hidden(
     return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
 
 
+def trajectory_tree(ids: list[int], prefix_lens: list[int], cands: list[list[int]], device, dtype):
+    """Many groups of one trajectory in one layout: input_ids [1, L + G*K], position_ids [1, L + G*K] and an
+    additive mask [1, 1, L + G*K, L + G*K]. The trajectory's L tokens are causal; group g's K candidates sit at
+    position prefix_lens[g], each seeing the trajectory's first prefix_lens[g] tokens and itself: for each
+    group, exactly `tree_batch(ids[:prefix_lens[g]], cands[g])`."""
+    L, G, K = len(ids), len(cands), len(cands[0])
+    n = L + G * K
+    vis = torch.zeros(n, n, dtype=torch.bool, device=device)
+    vis[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(K, dtype=torch.bool, device=device)
+    for g, P in enumerate(prefix_lens):
+        s = L + g * K
+        vis[s : s + K, :P] = True
+        vis[s : s + K, s : s + K] = eye
+    flat = [c for group in cands for c in group]
+    ids_t = torch.tensor([ids + flat], device=device)
+    pos = torch.tensor([list(range(L)) + [P for P in prefix_lens for _ in range(K)]], device=device)
+    return ids_t, pos, additive(vis[None], dtype)
+
+
+@torch.no_grad()
+def trajectory_candidate_hidden(
+    model, ids: list[int], prefix_lens: list[int], cands: list[list[int]], per_forward: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates' final hidden states [G, K, H], the prefix's [G, H]) for G groups of one trajectory `ids`
+    (group g: candidates cands[g] after the first prefix_lens[g] tokens), `per_forward` groups per forward.
+    What `candidate_hidden(model, ids[:P], cands, "tree", with_prefix=True)` gives each group, without a
+    forward over its prefix per group."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    backbone = model.get_decoder()
+    hidden, prefix = [], []
+    for a in range(0, len(cands), per_forward):
+        lens, part = prefix_lens[a : a + per_forward], cands[a : a + per_forward]
+        L = max(lens)
+        ids_t, pos, mask = trajectory_tree(ids[:L], lens, part, device, dtype)
+        out = backbone(input_ids=ids_t, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+        hidden.append(out[L:].reshape(len(part), len(part[0]), -1))
+        prefix.append(out[[P - 1 for P in lens]])
+    return torch.cat(hidden), torch.cat(prefix)
+
+
+def prefix_logp(model, prefix_hidden: torch.Tensor, cands: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The SLM's log-probs [G, K] of candidates cands [G, K] from the prefix's final hidden states [G, H] (the
+    prior in each candidate's score)."""
+    logits = model.get_output_embeddings()(prefix_hidden).float()[:, :vocab_size]
+    return logits.log_softmax(-1).gather(-1, cands.to(logits.device))
+
+
 def group_scores(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
     """(scores [K] as decoding picks by, raw candidate logits [K, V_all], head-only scores [K])."""
     cands = group["candidates"]
