@@ -8,7 +8,7 @@ from select2think import DecodeConfig, generate
 from select2think.decoding.teacher import step_logprobs
 from select2think.decoding.triggers import step_features
 from select2think.decoding.vocab import Vocab
-from select2think.local.collect import groups_for
+from select2think.local.collect import CollectConfig, collect_batch
 from select2think.models.chat import encode_prompts
 
 
@@ -41,7 +41,9 @@ def test_teacher_forcing_and_features_equal_what_decoding_saw(tiny_pair):
     forced, _ = step_logprobs(pair.slm, ids, gen, Vocab.of(pair))
     assert torch.isinf(forced[:, list(banned)]).all()
     assert torch.allclose(forced, live, atol=1e-4)
-    _, feats = groups_for(pair, ids, gen, threshold=1e9, k=8, warmup=3)
+    cfg = CollectConfig(slm="", llm="", dataset="", out="", threshold_file="", k=8, max_new_tokens=12, trajectory="slm")
+    [(collected, _, feats)] = collect_batch(pair, [ids], cfg, threshold=1e9)  # greedy, as above
+    assert collected == gen
     assert np.allclose(feats["features"], step_features(live).numpy(), atol=1e-4)
 
 

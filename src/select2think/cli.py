@@ -364,9 +364,21 @@ def collect(
     dtype: str = DTYPE,
     device: str = DEVICE,
     backend: str = BACKEND,
+    trajectory: str = typer.Option(
+        "s2t",
+        help="s2t: the S2T decode, as the paper (both models' log-probs recorded while decoding) | "
+        "slm: greedy SLM decode, then one teacher-forced LLM forward per problem (cheaper)",
+    ),
+    shard: str = typer.Option("0/1", help="i/n: items i, i+n, ... into groups.shardIofN.jsonl (train merges shards)"),
+    candidate_hidden: bool = typer.Option(
+        False,
+        help="also write the candidates' hidden states for `s2t train --head-only` "
+        "(one tree forward per trajectory; hf backend)",
+    ),
 ):
-    """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups."""
-    from .local.collect import CollectConfig, run_collect
+    """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups, in one pass per problem
+    (rerun the same command to resume)."""
+    from .local.collect import CollectConfig, parse_shard, run_collect
     from .local.objective import load_groups
 
     run_collect(
@@ -383,9 +395,12 @@ def collect(
             dtype=dtype,
             device=device,
             backend=backend,
+            trajectory=trajectory,
+            shard=parse_shard(shard),
+            candidate_hidden=candidate_hidden,
         )
     )
-    console.print(f"{len(load_groups(out))} groups in {out}/groups.jsonl")
+    console.print(f"{len(load_groups(out))} groups in {out} (all shards)")
 
 
 @app.command()

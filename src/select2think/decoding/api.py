@@ -15,6 +15,7 @@ from .local_loop import decode_local
 from .local_scorer import ReservedHead
 from .loop import decode_reference
 from .policy import Policy
+from .record import Offset, StepRecorder
 from .state import Batch, DecodeStats, Generation, RowState
 from .triggers import Trigger
 from .vocab import Vocab
@@ -93,9 +94,14 @@ def generate(
     prompt_ids: list[list[int]] | None = None,
     on_commit: Callable[[RowState], None] | None = None,
     trigger: Trigger | None = None,
+    recorder: StepRecorder | None = None,
     **overrides: Any,
 ) -> GenerateResult:
-    """Decode `prompts` with the configured policy. Batched output equals unbatched output."""
+    """Decode `prompts` with the configured policy. Batched output equals unbatched output.
+
+    `recorder` (decoding.record) sees every committed step: its row (the prompt's index), step, token,
+    both models' log-probs, the trigger statistic, whether it fired, and (if it `wants_hidden`) the SLM's
+    final hidden state. The SLM-proposer paths support it (reference, draft-verify, lazy-llm)."""
     cfg = config or DecodeConfig(**overrides)
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -103,6 +109,10 @@ def generate(
         pair.require_llm()
     head = local_head(pair, cfg) if cfg.info.path == "local" else None
     policy = Policy.from_config(cfg, trigger, head)  # `trigger`: a ready object (e.g. a learned head)
+    if recorder is not None and cfg.info.path in ("local", "llm-alone"):
+        raise S2TError(f"recording decode steps is not supported for policy {cfg.policy}")
+    if recorder is not None and recorder.wants_hidden:
+        pair.slm.require("hidden_states", "recording hidden states")
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
     seeds = row_seeds if row_seeds is not None else list(range(len(encoded)))
     eos = set(pair.eos_ids) | set(cfg.extra_eos)
@@ -115,10 +125,18 @@ def generate(
 
     total = DecodeStats()
     gens: list[Generation] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        batch = Batch(chunk, vocab, policy, make_row, seeds[start : start + batch_size], pad_id)
-        rows, st = _decode(pair, cfg, path, batch, head)
-        gens.extend(r.finish() for r in rows)
-        total = total + st
+    hidden_before = pair.slm.want_hidden
+    if recorder is not None and recorder.wants_hidden:
+        pair.slm.want_hidden = True
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            rec = Offset(recorder, start) if recorder is not None else None
+            batch = Batch(chunk, vocab, policy, make_row, seeds[start : start + batch_size], pad_id, rec)
+            rows, st = _decode(pair, cfg, path, batch, head)
+            gens.extend(r.finish() for r in rows)
+            total = total + st
+    finally:
+        if recorder is not None and recorder.wants_hidden:
+            pair.slm.want_hidden = hidden_before
     return GenerateResult([g.text for g in gens], gens, total, cfg, path)

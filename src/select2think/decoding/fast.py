@@ -6,6 +6,7 @@
 - `decode_lazy` (SLM-only triggers): the LLM's cache lags behind and catches up in one multi-token
   forward only when a trigger fires.
 Both start the LLM lazily: its prompt prefill rides along with its first forward.
+Both hand each committed step to the batch's recorder if it has one (decoding.record).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ..backends.base import Backend
 from .lagging import LaggingCache
+from .record import Steps
 from .state import Batch, DecodeStats, RowState, active_view, commit_step, totals
 
 
@@ -26,12 +28,15 @@ def _retire(finished: list[int], slm: Backend, llm: LaggingCache) -> None:
         llm.retire(finished)
 
 
-def _draft(slm: Backend, batch: Batch, rows: list[RowState], s_logits: torch.Tensor, n: int):
+def _draft(slm: Backend, batch: Batch, rows: list[RowState], s_logits: torch.Tensor, n: int, hidden=None):
     """Each active row drafts up to `n` tokens with the base chooser. Returns (drafts per row, the SLM's
-    log-probs [V] at each drafted position, text logits [B, V] after the last drafted token)."""
+    log-probs [V] at each drafted position, text logits [B, V] after the last drafted token, and with
+    `hidden` [B, H] (the recorder wants it) the final hidden state [H] at each drafted position's prefix
+    and the hidden states [B, H] after the last drafted token)."""
     B = len(rows)
     drafts: list[list[int]] = [[] for _ in range(B)]
     s_lps: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    hids: list[list[torch.Tensor]] = [[] for _ in range(B)]
     drafting = [r for r in range(B) if not rows[r].done]
     for i in range(n):
         drafting = [
@@ -47,24 +52,41 @@ def _draft(slm: Backend, batch: Batch, rows: list[RowState], s_logits: torch.Ten
         for j, r in enumerate(drafting):
             drafts[r].append(int(tok[j]))
             s_lps[r].append(s_lp[j])
+            if hidden is not None:
+                hids[r].append(hidden[r])
             feed[r, 0], live[r, 0] = int(tok[j]), True
         new = batch.next_logits(slm, feed, live)
         s_logits = torch.where(live.to(new.device), new, s_logits)
-    return drafts, s_lps, s_logits
+        hidden = batch.next_hidden(slm, live, hidden)
+    return drafts, s_lps, s_logits, hids, hidden
 
 
 def _verify(batch: Batch, rows: list[RowState], drafts, s_lps, l_raw):
-    """The policy at every drafted position at once: (tokens, fired, flips, hits), flat in row order."""
+    """The policy at every drafted position at once: (tokens, fired, flips, hits), flat in row order, and
+    what it saw there (SLM log-probs [N, V], LLM log-probs [N, V], trigger statistic [N], fired [N])."""
     policy = batch.policy
     flat_rows = [r for r in range(len(rows)) for _ in drafts[r]]
     s_lp = torch.stack([x for r in range(len(rows)) for x in s_lps[r]])
     l_lp = batch.vocab.logprobs(torch.cat([l_raw[r][: len(drafts[r])] for r in range(len(rows)) if drafts[r]]))
     steps = torch.tensor([rows[r].step + i for r in range(len(rows)) for i in range(len(drafts[r]))])
     keys = [(batch.row_seeds[r], int(s)) for r, s in zip(flat_rows, steps.tolist(), strict=True)]
-    fired, _ = policy.fire(s_lp, l_lp, steps.to(s_lp.device), keys)
+    fired, stat = policy.fire(s_lp, l_lp, steps.to(s_lp.device), keys)
     tokens = policy.choose(s_lp, l_lp, fired, keys)
     flips = (tokens != s_lp.argmax(-1)).tolist()
-    return tokens.tolist(), fired.tolist(), flips, policy.hits(s_lp, l_lp).tolist()
+    seen = (s_lp, l_lp, stat, fired)
+    return tokens.tolist(), fired.tolist(), flips, policy.hits(s_lp, l_lp).tolist(), seen
+
+
+def _record(batch: Batch, committed: list[tuple[int, int, int, int, int]], seen, hids) -> None:
+    """Hand one verified block's committed (flat index, row, draft position, step, token) entries to the recorder."""
+    assert batch.recorder is not None
+    if not committed:
+        return
+    s_lp, l_lp, stat, fired = seen
+    idx = torch.tensor([c[0] for c in committed], device=s_lp.device)
+    hidden = torch.stack([hids[r][i] for _, r, i, _, _ in committed]) if batch.wants_hidden else None
+    rows, steps, tokens = ([c[k] for c in committed] for k in (1, 3, 4))
+    batch.recorder.record(Steps(rows, steps, tokens, s_lp[idx], l_lp[idx], stat[idx], fired[idx], hidden))
 
 
 def decode_draft_verify(
@@ -73,6 +95,7 @@ def decode_draft_verify(
     t0 = time.perf_counter()
     B = len(batch.prompts)
     rows, s_logits = batch.start(slm)
+    hidden = batch.start_hidden(slm)
     llm = LaggingCache(llm_backend, batch.prompts, batch.pad_id)
     slm_pending: list[int | None] = [None] * B
     while any(not r.done for r in rows):
@@ -82,21 +105,25 @@ def decode_draft_verify(
             live = torch.tensor([[p is not None] for p in slm_pending])
             new = batch.next_logits(slm, feed, live)
             s_logits = torch.where(live.to(new.device), new, s_logits)
+            hidden = batch.next_hidden(slm, live, hidden)
             slm_pending = [None] * B
         # 2. draft
         n = min(draft_len, max(r.remaining for r in rows if not r.done))
         base_len = [slm.length(r) if not rows[r].done else 0 for r in range(B)]
-        drafts, s_lps, s_logits = _draft(slm, batch, rows, s_logits, n)
+        drafts, s_lps, s_logits, hids, hidden = _draft(slm, batch, rows, s_logits, n, hidden)
         if not any(drafts):
             break
         # 3. verify: one LLM forward over every row's pending tokens and drafts
         l_raw, first_len = llm.forward(drafts)
-        tokens, fired, flips, hits = _verify(batch, rows, drafts, s_lps, l_raw)
+        tokens, fired, flips, hits, seen = _verify(batch, rows, drafts, s_lps, l_raw)
         # 4. commit per row up to the first position where the choice differs from the draft
         pos = 0
+        committed: list[tuple[int, int, int, int, int]] = []  # for the recorder (`_record`)
         for r in range(B):
             for i, d in enumerate(drafts[r]):
                 j = pos + i
+                if batch.recorder is not None:
+                    committed.append((j, r, i, rows[r].step, tokens[j]))
                 if rows[r].commit(tokens[j], fired[j], flips[j], hits[j] if fired[j] else None):
                     llm.forget(r)
                     break
@@ -106,6 +133,8 @@ def decode_draft_verify(
                     llm.rollback(r, first_len[r] + i, tokens[j])
                     break
             pos += len(drafts[r])
+        if batch.recorder is not None:
+            _record(batch, committed, seen, hids)
         _retire([r for r in range(B) if rows[r].done], slm, llm)
     return rows, totals(rows, t0, slm=[slm], llm=[llm_backend])
 
@@ -115,16 +144,20 @@ def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[
     policy = batch.policy
     B = len(batch.prompts)
     rows, s_logits = batch.start(slm)
+    hidden = batch.start_hidden(slm)
     llm = LaggingCache(llm_backend, batch.prompts, batch.pad_id)
     while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
         s_lp = view.slm_logp
-        fired, _ = policy.fire(s_lp, None, view.steps, view.keys)
+        fired, stat = policy.fire(s_lp, None, view.steps, view.keys)
         l_lp = None
         if fired.any():
             l_raw, _ = llm.forward([[] for _ in range(B)])
             l_lp = batch.vocab.logprobs(torch.stack([l_raw[r][-1] for r in view.active]))
         tokens = policy.choose(s_lp, l_lp, fired, view.keys)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
+        if batch.recorder is not None:
+            h = hidden[view.idx] if hidden is not None else None
+            batch.recorder.record(Steps(view.active, view.steps.tolist(), tokens.tolist(), s_lp, l_lp, stat, fired, h))
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
         for j, r in enumerate(view.active):  # the LLM catches up on these tokens at its next trigger
             llm.follow(r, int(tokens[j])) if live[r, 0] else llm.forget(r)
@@ -133,4 +166,5 @@ def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[
             break
         new = batch.next_logits(slm, feed, live)
         s_logits = torch.where(live.to(new.device), new, s_logits)
+        hidden = batch.next_hidden(slm, live, hidden)
     return rows, totals(rows, t0, slm=[slm], llm=[llm_backend])

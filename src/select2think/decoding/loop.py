@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from ..backends.base import Backend
+from .record import Steps
 from .state import Batch, DecodeStats, RowState, active_view, commit_step, totals
 
 
@@ -17,14 +18,19 @@ def decode_reference(
     """Step-by-step decoding. `proposer` is the SLM (or, with `role="llm"`, the LLM decoding alone)."""
     t0 = time.perf_counter()
     policy = batch.policy
+    rec = batch.recorder
     rows, s_logits = batch.start(proposer)
+    hidden = batch.start_hidden(proposer)
     l_logits = batch.start(llm)[1] if llm is not None else None
     while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
         s_lp = view.slm_logp
         l_lp = l_logits[view.idx].log_softmax(-1) if l_logits is not None else None
-        fired, _ = policy.fire(s_lp, l_lp, view.steps, view.keys)
+        fired, stat = policy.fire(s_lp, l_lp, view.steps, view.keys)
         tokens = policy.choose(s_lp, l_lp, fired, view.keys)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
+        if rec is not None:
+            h = hidden[view.idx] if hidden is not None else None
+            rec.record(Steps(view.active, view.steps.tolist(), tokens.tolist(), s_lp, l_lp, stat, fired, h))
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
         if not live.any():
             break
@@ -33,6 +39,7 @@ def decode_reference(
             if b is not None and finished:
                 b.retire(finished)
         s_logits = batch.next_logits(proposer, feed, live)
+        hidden = batch.next_hidden(proposer, live, hidden)
         if llm is not None:
             l_logits = batch.next_logits(llm, feed, live)
     if role == "llm":

@@ -15,6 +15,7 @@ from .vocab import Vocab
 
 if TYPE_CHECKING:
     from .policy import Policy
+    from .record import StepRecorder
 
 
 @dataclass
@@ -210,6 +211,21 @@ class Batch:
     make_row: Callable[[], RowState]
     row_seeds: list
     pad_id: int
+    recorder: StepRecorder | None = None  # sees every committed step (decoding.record)
+
+    @property
+    def wants_hidden(self) -> bool:
+        return self.recorder is not None and self.recorder.wants_hidden
+
+    def start_hidden(self, backend: Backend) -> torch.Tensor | None:
+        """After `start`: the final hidden states [B, H] at each prompt's last token, if the recorder wants them."""
+        return backend.hidden()[:, -1] if self.wants_hidden else None
+
+    def next_hidden(self, backend: Backend, live: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """After `next_logits` with live [B, 1]: live rows' new final hidden states [B, H], the others' kept."""
+        if hidden is None:
+            return None
+        return torch.where(live.to(hidden.device), backend.hidden()[:, -1].to(hidden.device), hidden)
 
     def start(self, backend: Backend) -> tuple[list[RowState], torch.Tensor]:
         """Fresh rows, and the backend's text logits [B, V] after prefilling the prompts."""

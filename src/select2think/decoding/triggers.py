@@ -66,9 +66,12 @@ class KLTrigger(Trigger):
     def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         if llm_logp is None:
             raise S2TError("the kl trigger needs the LLM's distribution")
-        _, ids = _top_support(slm_logp)
-        s = slm_logp.gather(-1, ids)
-        q = llm_logp.gather(-1, ids)
+        s, ids = slm_logp.topk(min(TOP_SUPPORT, slm_logp.shape[-1]), dim=-1)
+        return self.on_support(s, llm_logp.gather(-1, ids))
+
+    def on_support(self, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The statistic [N] from the SLM's top-64 log-probs s [N, 64] and the LLM's log-probs q [N, 64] on
+        the same ids (what `statistic` reads of the full distributions; collection stores only these)."""
         keep = q.exp() > 1e-12
         s = torch.where(keep, s, -math.inf).log_softmax(-1)
         q = torch.where(keep, q, -math.inf).log_softmax(-1)

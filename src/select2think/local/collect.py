@@ -1,14 +1,39 @@
-"""`s2t collect`: the LLM's selections as training groups for S2T-Local.
+"""`s2t collect`: the LLM's selections as training groups for S2T-Local, in one pass per problem.
 
-S2T decodes each training problem (kl trigger, K = 16); both models are then teacher-forced over the
-trajectory in one forward each, which recovers, at every step, the SLM's top-16, the LLM's
-probabilities on them and the trigger statistic. Every triggered step becomes a group; every step
-gives learned-trigger features (entropy, margin, top-8 probabilities, SLM final hidden state).
+A trajectory is decoded with a step recorder (decoding.record) that keeps, at every committed step, the
+SLM's top-K and top-64 log-probs, the LLM's log-probs on the top-K, the kl statistic, the learned
+trigger's features and the SLM's final hidden state: nothing is teacher-forced a second time.
+
+- `--trajectory s2t` (the paper's): S2T decodes (kl trigger under the calibrated threshold, K candidates);
+  draft and verify has both models' log-probs at every committed step, and those are recorded.
+- `--trajectory slm`: the SLM decodes greedily (no LLM while decoding); then ONE teacher-forced LLM
+  forward per problem gives the LLM's log-probs at every step (decoding.teacher.step_logprobs), from which
+  the kl statistic is computed on the recorded SLM top-64 (KLTrigger.on_support). Cheaper, and the
+  trajectory is the one S2T-Local's SLM itself will be in.
+
+Either way a group is every step where the kl statistic exceeds the calibrated threshold (after the
+warm-up): (context, the SLM's top-K, the LLM's probabilities on them, the SLM's). Every step gives
+learned-trigger features (entropy, margin, top-8 probabilities, the SLM's final hidden state at the
+prefix) in `features/ITEM.npz`.
+
+Candidates' hidden states (head-only training): the decode has the SLM's hidden state at each step's
+prefix (the learned trigger's input), not the hidden states of the K candidate tokens placed after it,
+and draft and verify's SLM cache has moved past a step by the time the LLM says it fired. So with
+`--candidate-hidden` (transformers backend) one extra SLM forward per problem (per 32 groups) lays the
+trajectory out as a tree, every group's K candidates as siblings after their prefix, and writes their
+hidden states (fp16) and log-probs into `features/ITEM.npz` for the groups whose context is their whole
+prefix; `local/head_only.py` reads those and runs its own forward (one per group) only for the rest.
+
+Shards (`--shard i/n`) take items i, i+n, ... of the dataset and append to their own
+`groups.shardIofN.jsonl` (one shard: `groups.jsonl`); `objective.load_groups` merges them. Features are one
+file per item, so shards share `features/`. Rerunning a command resumes its shard; `collect.json` refuses
+a rerun into the same directory under other settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +43,9 @@ from ..data.datasets import load_dataset, refuse_test
 from ..data.prompts import math_prompt
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
+from ..decoding.record import Steps
 from ..decoding.teacher import step_logprobs
-from ..decoding.triggers import KLTrigger, step_features
+from ..decoding.triggers import TOP_SUPPORT, KLTrigger, step_features
 from ..decoding.vocab import Vocab
 from ..errors import S2TError
 from ..io import (
@@ -36,9 +62,19 @@ from ..io import (
 )
 from ..models.chat import encode_prompts
 from ..progress import Progress
+from .objective import group_files, prefix_logp, trajectory_candidate_hidden
 
 GROUP_K = 16
 CONTEXT = 511
+TRAJECTORIES = ("s2t", "slm")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`i/n` -> (i, n), 0 <= i < n."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise S2TError(f"--shard is written i/n with 0 <= i < n, got {spec!r}")
+    return int(m[1]), int(m[2])
 
 
 @dataclass
@@ -56,6 +92,9 @@ class CollectConfig:
     dtype: str = "bf16"
     device: str = "auto"
     backend: str = "hf"
+    trajectory: str = "s2t"
+    shard: tuple[int, int] = field(default=(0, 1))
+    candidate_hidden: bool = False  # also the candidates' hidden states for head-only training (hf backend)
 
     def __post_init__(self):
         if self.limit < 1:
@@ -64,58 +103,193 @@ class CollectConfig:
             raise S2TError(f"k must be between 2 and 64, got {self.k}")
         if self.batch_size < 1:
             raise S2TError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.trajectory not in TRAJECTORIES:
+            raise S2TError(f"--trajectory must be s2t or slm, got {self.trajectory!r}")
+        if isinstance(self.shard, str):
+            self.shard = parse_shard(self.shard)
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise S2TError(f"--shard is written i/n with 0 <= i < n, got {i}/{n}")
 
     def identity(self) -> dict:
-        """What a rerun into the same directory must share (the limit may grow); the threshold file by its
-        content, not its name."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("out", "limit", "batch_size", "device")}
+        """What a rerun into the same directory must share (the limit may grow; shards differ only in which
+        items they take); the threshold file by its content, not its name."""
+        skip = ("out", "limit", "batch_size", "device", "shard")
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["threshold_file"] = sha256_of(self.threshold_file)
         if Path(self.dataset).is_file():
             d["dataset"] = sha256_of(self.dataset)  # a local file by its content
         return d
 
+    @property
+    def groups_name(self) -> str:
+        i, n = self.shard
+        return "groups.jsonl" if n == 1 else f"groups.shard{i}of{n}.jsonl"
+
+
+def _shard_count(path: Path) -> int:
+    m = re.fullmatch(r"groups\.shard\d+of(\d+)\.jsonl", path.name)
+    return int(m[1]) if m else 1
+
 
 def check_settings(cfg: CollectConfig, out: Path) -> None:
-    """Record the settings on the first run; refuse a rerun under others, naming them."""
+    """Record the settings on the first run; refuse a rerun under others, naming them, and shards of another
+    count (their items would overlap)."""
     path = out / "collect.json"
+    existing = group_files(out)
     if path.is_file():
         old = read_json(path, "collect settings")
-        diff = differences(old.get("identity", {}) if isinstance(old, dict) else {}, cfg.identity())
+        old_id = dict(old.get("identity", {})) if isinstance(old, dict) else {}
+        old_id.setdefault("trajectory", "s2t")  # directories from before these options: s2t, no candidates
+        old_id.setdefault("candidate_hidden", False)
+        diff = differences(old_id, cfg.identity())
         if diff:
             raise S2TError(f"{out} holds groups collected with other settings ({diff}): use another --out")
-    elif (out / "groups.jsonl").is_file():
+    elif existing:
         raise S2TError(f"{out} holds groups of unknown settings (no collect.json): use another --out")
     else:
         write_json(path, {"identity": cfg.identity(), "threshold_file": str(cfg.threshold_file)})
+    counts = {_shard_count(p) for p in existing} - {cfg.shard[1]}
+    if counts:
+        raise S2TError(
+            f"{out} holds groups collected in {min(counts)} shard(s): --shard .../{cfg.shard[1]} would repeat "
+            "items; use the same shard count or another --out"
+        )
 
 
-def groups_for(pair, prompt_ids: list[int], gen: list[int], threshold: float, k: int, warmup: int):
-    ids = prompt_ids + gen
-    vocab = Vocab.of(pair)  # banned ids masked as decoding masks them
-    s_lp, h = step_logprobs(pair.slm, prompt_ids, gen, vocab, hidden=True)
-    assert h is not None
-    l_lp, _ = step_logprobs(pair.require_llm(), prompt_ids, gen, vocab)
-    stat = KLTrigger().statistic(s_lp, l_lp)
-    fired = (stat > threshold) & (torch.arange(len(gen), device=stat.device) >= warmup)
-    top_p, top_i = s_lp.topk(k, dim=-1)
-    groups = []
-    for t in fired.nonzero().flatten().tolist():
-        cands = top_i[t].tolist()
-        groups.append(
+class GroupRecorder:
+    """A step recorder that keeps, per row, only what groups and trigger features need from each step:
+    the SLM's top-K ids and log-probs, its top-64 log-probs and ids (the kl statistic's support), the LLM's
+    log-probs on the top-K (when it ran), the trigger statistic, the 10 trigger features and the SLM's
+    final hidden state (fp16). A few kilobytes per step, never a [V] row."""
+
+    wants_hidden = True
+
+    def __init__(self, n_rows: int, k: int):
+        self.k = k
+        self.rows: list[dict[str, list]] = [
+            {n: [] for n in ("step", "top_i", "top_p", "sup_i", "sup_p", "llm", "stat", "feat", "hidden")}
+            for _ in range(n_rows)
+        ]
+
+    @torch.no_grad()
+    def record(self, s: Steps) -> None:
+        top_p, top_i = s.slm_logp.topk(self.k, dim=-1)
+        sup_p, sup_i = s.slm_logp.topk(min(TOP_SUPPORT, s.slm_logp.shape[-1]), dim=-1)
+        llm = s.llm_logp.gather(-1, top_i).cpu() if s.llm_logp is not None else None
+        parts = {
+            "top_i": top_i.cpu(),
+            "top_p": top_p.float().cpu(),
+            "sup_i": sup_i.cpu(),
+            "sup_p": sup_p.float().cpu(),
+            "stat": s.stat.float().cpu(),
+            "feat": step_features(s.slm_logp).float().cpu(),
+            "hidden": s.hidden.to(torch.float16).cpu() if s.hidden is not None else None,
+        }
+        for j, r in enumerate(s.rows):
+            row = self.rows[r]
+            row["step"].append(s.steps[j])
+            for name, value in parts.items():
+                row[name].append(value[j] if value is not None else None)
+            row["llm"].append(llm[j] if llm is not None else None)
+
+    def finish(
+        self,
+        row: int,
+        prompt_ids: list[int],
+        gen: list[int],
+        threshold: float,
+        warmup: int,
+        llm_logp: torch.Tensor | None = None,
+    ) -> tuple[list[dict], dict]:
+        """(groups, features) of one row. `llm_logp` [T, V]: the LLM's teacher-forced log-probs (the slm
+        trajectory); without it the LLM's log-probs recorded during the decode are used (s2t)."""
+        rec = self.rows[row]
+        if rec["step"] != list(range(len(gen))):
+            raise RuntimeError(f"row {row}: recorded steps {rec['step'][:8]}... do not cover the {len(gen)} generated")
+        top_i, top_p = torch.stack(rec["top_i"]), torch.stack(rec["top_p"])
+        if llm_logp is None:
+            if any(x is None for x in rec["llm"]):
+                raise RuntimeError("the decode did not run the LLM at every step: use the slm trajectory")
+            llm, stat = torch.stack(rec["llm"]), torch.stack(rec["stat"])
+        else:
+            llm_logp = llm_logp.float().cpu()
+            llm = llm_logp.gather(-1, top_i)
+            stat = KLTrigger().on_support(torch.stack(rec["sup_p"]), llm_logp.gather(-1, torch.stack(rec["sup_i"])))
+        fired = (stat > threshold) & (torch.arange(len(gen)) >= warmup)
+        ids = prompt_ids + gen
+        groups = [
             {
                 "step": t,
                 "context": ids[: len(prompt_ids) + t][-CONTEXT:],
-                "candidates": cands,
-                "llm_probs": l_lp[t, top_i[t]].exp().tolist(),
+                "candidates": top_i[t].tolist(),
+                "llm_probs": llm[t].exp().tolist(),
                 "slm_probs": top_p[t].exp().tolist(),
             }
-        )
-    feats = step_features(s_lp)  # what the learned trigger reads at decode time
-    return groups, {
-        "stat": stat.cpu().numpy(),
-        "label": fired.cpu().numpy(),
-        "features": feats.cpu().numpy().astype(np.float32),
-        "hidden": h.cpu().numpy().astype(np.float16),
+            for t in fired.nonzero().flatten().tolist()
+        ]
+        feats = {
+            "stat": stat.numpy(),
+            "label": fired.numpy(),
+            "features": torch.stack(rec["feat"]).numpy().astype(np.float32),
+        }
+        if rec["hidden"] and rec["hidden"][0] is not None:
+            feats["hidden"] = torch.stack(rec["hidden"]).numpy().astype(np.float16)
+        return groups, feats
+
+
+def decode_config(cfg: CollectConfig, threshold: float) -> DecodeConfig:
+    if cfg.trajectory == "slm":
+        return DecodeConfig(policy="greedy", max_new_tokens=cfg.max_new_tokens)
+    return DecodeConfig(
+        policy="s2t", trigger="kl", threshold=threshold, k=cfg.k, max_new_tokens=cfg.max_new_tokens, warmup=cfg.warmup
+    )
+
+
+def collect_batch(
+    pair, prompt_ids: list[list[int]], cfg: CollectConfig, threshold: float, dcfg: DecodeConfig | None = None
+) -> list[tuple[list[int], list[dict], dict]]:
+    """Decode a batch of prompts (token ids) and return per prompt (generated ids, groups, features)."""
+    dcfg = dcfg or decode_config(cfg, threshold)
+    rec = GroupRecorder(len(prompt_ids), cfg.k)
+    rec.wants_hidden = pair.slm.capabilities.hidden_states
+    res = generate(pair, [""] * len(prompt_ids), dcfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids), recorder=rec)
+    vocab = Vocab.of(pair)
+    out = []
+    for r, (p_ids, g) in enumerate(zip(prompt_ids, res.generations, strict=True)):
+        l_lp = None
+        if cfg.trajectory == "slm":
+            l_lp, _ = step_logprobs(pair.require_llm(), p_ids, g.token_ids, vocab)
+        groups, feats = rec.finish(r, p_ids, g.token_ids, threshold, cfg.warmup, l_lp)
+        if cfg.candidate_hidden:
+            feats.update(candidate_features(pair, p_ids + g.token_ids, len(p_ids), groups))
+        out.append((g.token_ids, groups, feats))
+    return out
+
+
+def candidate_features(pair, ids: list[int], prompt_len: int, groups: list[dict]) -> dict:
+    """Head-only training's inputs for the groups whose context is the whole prefix (not cut to CONTEXT
+    tokens; the others are left to head_only's own pass): their steps, candidates, the candidates' final
+    hidden states (fp16) and the SLM's log-probs of them, from one tree forward over the trajectory
+    (objective.trajectory_candidate_hidden) per 32 groups instead of one forward over the prefix per group."""
+    model = pair.slm_module()
+    whole = [g for g in groups if prompt_len + g["step"] <= CONTEXT]
+    H = model.get_output_embeddings().weight.shape[1]
+    if not whole:
+        return {
+            "cand_steps": np.zeros(0, np.int64),
+            "cand_ids": np.zeros((0, 0), np.int64),
+            "cand_hidden": np.zeros((0, 0, H), np.float16),
+            "cand_logp": np.zeros((0, 0), np.float32),
+        }
+    cands = [g["candidates"] for g in whole]
+    hidden, prefix = trajectory_candidate_hidden(model, ids, [prompt_len + g["step"] for g in whole], cands)
+    logp = prefix_logp(model, prefix, torch.tensor(cands), pair.vocab_size)
+    return {
+        "cand_steps": np.array([g["step"] for g in whole], np.int64),
+        "cand_ids": np.array(cands, np.int64),
+        "cand_hidden": hidden.float().cpu().numpy().astype(np.float16),
+        "cand_logp": logp.float().cpu().numpy(),
     }
 
 
@@ -128,31 +302,27 @@ def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
     ds = load_dataset(cfg.dataset, limit=cfg.limit)
     refuse_test(ds, "training")
     out = Path(cfg.out)
-    with run_lock(out):
+    i, n = cfg.shard
+    with run_lock(out, name=f".s2t.collect.shard{i}of{n}.lock"):
         check_settings(cfg, out)
         (out / "features").mkdir(parents=True, exist_ok=True)
-        path = out / "groups.jsonl"
+        path = out / cfg.groups_name
         done = {r["item"] for r in read_jsonl(path)}
-        items = [it for it in ds.take(cfg.limit) if it.id not in done]
+        mine = ds.take(cfg.limit)[i::n]
+        items = [it for it in mine if it.id not in done]
         if not items:
             return out
         pair = load_pair(cfg.slm, cfg.llm, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend)
-        dcfg = DecodeConfig(
-            policy="s2t",
-            trigger="kl",
-            threshold=threshold,
-            k=cfg.k,
-            max_new_tokens=cfg.max_new_tokens,
-            warmup=cfg.warmup,
-        )
-        total = len(ds.take(cfg.limit))
-        with Progress("collect", total, total - len(items), progress) as bar, open_resume(path) as f:
+        if cfg.trajectory == "s2t":
+            pair.require_llm().require("full_logits", "the kl trigger")
+        dcfg = decode_config(cfg, threshold)
+        desc = "collect" if n == 1 else f"collect shard {i}/{n}"
+        with Progress(desc, len(mine), len(mine) - len(items), progress) as bar, open_resume(path) as f:
             for start in range(0, len(items), cfg.batch_size):
                 chunk = items[start : start + cfg.batch_size]
                 prompt_ids = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in chunk], True)
-                res = generate(pair, [""] * len(chunk), dcfg, prompt_ids=prompt_ids, batch_size=len(chunk))
-                for it, p_ids, g in zip(chunk, prompt_ids, res.generations, strict=True):
-                    groups, feats = groups_for(pair, p_ids, g.token_ids, threshold, cfg.k, cfg.warmup)
+                done_batch = collect_batch(pair, prompt_ids, cfg, threshold, dcfg)
+                for it, (_, groups, feats) in zip(chunk, done_batch, strict=True):
                     with atomic_path(out / "features" / f"{it.id}.npz") as tmp, open(tmp, "wb") as fz:
                         np.savez_compressed(fz, **feats)
                     append_line(f, {"item": it.id, "groups": groups})

@@ -4,7 +4,9 @@ With the backbone frozen, a candidate's final hidden state (and the SLM's log-pr
 never changes during training. So the backbone runs once per group, the results are cached beside the
 groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later runs reuse it),
 and each epoch after that is a few small matrix products: many epochs in seconds instead of a backbone
-forward per group per epoch. Validation runs every epoch and the best epoch's rows are kept (the
+forward per group per epoch. Groups collected with `s2t collect --candidate-hidden` (same SLM and dtype)
+bring their candidates' hidden states along (one tree forward per trajectory, `CollectedCandidates`):
+only the others need the per-group forward. Validation runs every epoch and the best epoch's rows are kept (the
 untrained rows, i.e. greedy, if no epoch beats them), or with `keep="last"` the last epoch's: choose the
 settings by cross-validation on the training problems (benchmarks/head_sweep.py) and the validation
 score stays an unbiased estimate. The selector has no adapter: its
@@ -16,11 +18,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..decoding.local_scorer import reserved_scores, with_prior
-from ..io import atomic_path, write_json
-from .objective import TIED, TrainConfig, candidate_hidden, selection_loss, spearman
+from ..io import atomic_path, read_json, write_json
+from .objective import TIED, TrainConfig, candidate_hidden, prefix_logp, selection_loss, spearman
 
 FEATURES = "head_features"
 
@@ -28,6 +31,40 @@ FEATURES = "head_features"
 def feature_dir(cfg: TrainConfig) -> Path:
     """Where a groups directory keeps the hidden states of one SLM, dtype and layout."""
     return Path(cfg.groups) / FEATURES / f"{cfg.slm.replace('/', '_')}_{cfg.dtype}_{cfg.layout}"
+
+
+class CollectedCandidates:
+    """The candidates' hidden states and log-probs `s2t collect --candidate-hidden` wrote beside the groups
+    (features/ITEM.npz), where they are what this module would compute: the same SLM and dtype, the tree
+    layout, and the same candidates. `self(group)` -> (hidden [K, H] fp32, logp [K]) or None."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.dir = Path(cfg.groups) / "features"
+        meta = Path(cfg.groups) / "collect.json"
+        ident = read_json(meta, "collect settings").get("identity", {}) if meta.is_file() else {}
+        self.usable = (
+            cfg.layout == "tree"
+            and ident.get("candidate_hidden") is True
+            and ident.get("slm") == cfg.slm
+            and ident.get("dtype") == cfg.dtype
+        )
+        self.item: str | None = None
+        self.by_step: dict[int, int] = {}
+
+    def __call__(self, group: dict):
+        if not self.usable:
+            return None
+        if group["item"] != self.item:
+            self.item, self.by_step = group["item"], {}
+            path = self.dir / f"{group['item']}.npz"
+            z = np.load(path) if path.is_file() else None
+            if z is not None and "cand_steps" in z:
+                self.z = {k: z[k] for k in ("cand_ids", "cand_hidden", "cand_logp")}
+                self.by_step = {int(t): i for i, t in enumerate(z["cand_steps"])}
+        i = self.by_step.get(group["step"])
+        if i is None or self.z["cand_ids"][i].tolist() != group["candidates"]:
+            return None
+        return torch.from_numpy(self.z["cand_hidden"][i].astype(np.float32)), torch.from_numpy(self.z["cand_logp"][i])
 
 
 @torch.no_grad()
@@ -38,7 +75,8 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
 
     out = feature_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    collected = CollectedCandidates(cfg)
     hidden, logp = [], []
     with Progress(disable=not progress) as bar:
         task = bar.add_task("candidate hidden states", total=len(groups))
@@ -50,10 +88,13 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
             if chunk is None or chunk["keys"] != keys:
                 h, lp = [], []
                 for g in part:
-                    hid = candidate_hidden(model, g["context"], g["candidates"], cfg.layout, with_prefix=True)
-                    prefix = head(hid[:1]).float()[0, :vocab_size].log_softmax(-1)
-                    h.append(hid[1:].float())
-                    lp.append(prefix[torch.tensor(g["candidates"], device=prefix.device)])
+                    got = collected(g)
+                    if got is None:
+                        hid = candidate_hidden(model, g["context"], g["candidates"], cfg.layout, with_prefix=True)
+                        cands = torch.tensor([g["candidates"]])
+                        got = hid[1:].float(), prefix_logp(model, hid[:1], cands, vocab_size)[0]
+                    h.append(got[0].to(device))
+                    lp.append(got[1].to(device))
                     bar.advance(task)
                 chunk = {"keys": keys, "hidden": torch.stack(h).cpu(), "logp": torch.stack(lp).cpu()}
                 with atomic_path(path) as tmp:

@@ -4,6 +4,8 @@ training (LoRA + rows in train.py, rows alone in head_only.py) use these."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from ..backends.tree import additive, sibling_visibility
 from ..decoding.local_scorer import score_from_logits, with_prior
 from ..errors import S2TError
-from ..io import read_jsonl
+from ..io import read_jsonl, sha256_of
 from .split import validation_problems
 
 
@@ -99,6 +101,55 @@ def candidate_hidden(
     return torch.cat([out[:1, -2], out[:, -1]]) if with_prefix else out[:, -1]
 
 
+def trajectory_tree(ids: list[int], prefix_lens: list[int], cands: list[list[int]], device, dtype):
+    """Many groups of one trajectory in one layout: input_ids [1, L + G*K], position_ids [1, L + G*K] and an
+    additive mask [1, 1, L + G*K, L + G*K]. The trajectory's L tokens are causal; group g's K candidates sit at
+    position prefix_lens[g], each seeing the trajectory's first prefix_lens[g] tokens and itself: for each
+    group, exactly `tree_batch(ids[:prefix_lens[g]], cands[g])`."""
+    L, G, K = len(ids), len(cands), len(cands[0])
+    n = L + G * K
+    vis = torch.zeros(n, n, dtype=torch.bool, device=device)
+    vis[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(K, dtype=torch.bool, device=device)
+    for g, P in enumerate(prefix_lens):
+        s = L + g * K
+        vis[s : s + K, :P] = True
+        vis[s : s + K, s : s + K] = eye
+    flat = [c for group in cands for c in group]
+    ids_t = torch.tensor([ids + flat], device=device)
+    pos = torch.tensor([list(range(L)) + [P for P in prefix_lens for _ in range(K)]], device=device)
+    return ids_t, pos, additive(vis[None], dtype)
+
+
+@torch.no_grad()
+def trajectory_candidate_hidden(
+    model, ids: list[int], prefix_lens: list[int], cands: list[list[int]], per_forward: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates' final hidden states [G, K, H], the prefix's [G, H]) for G groups of one trajectory `ids`
+    (group g: candidates cands[g] after the first prefix_lens[g] tokens), `per_forward` groups per forward.
+    What `candidate_hidden(model, ids[:P], cands, "tree", with_prefix=True)` gives each group, without a
+    forward over its prefix per group."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    backbone = model.get_decoder()
+    hidden, prefix = [], []
+    for a in range(0, len(cands), per_forward):
+        lens, part = prefix_lens[a : a + per_forward], cands[a : a + per_forward]
+        L = max(lens)
+        ids_t, pos, mask = trajectory_tree(ids[:L], lens, part, device, dtype)
+        out = backbone(input_ids=ids_t, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+        hidden.append(out[L:].reshape(len(part), len(part[0]), -1))
+        prefix.append(out[[P - 1 for P in lens]])
+    return torch.cat(hidden), torch.cat(prefix)
+
+
+def prefix_logp(model, prefix_hidden: torch.Tensor, cands: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The SLM's log-probs [G, K] of candidates cands [G, K] from the prefix's final hidden states [G, H] (the
+    prior in each candidate's score)."""
+    logits = model.get_output_embeddings()(prefix_hidden).float()[:, :vocab_size]
+    return logits.log_softmax(-1).gather(-1, cands.to(logits.device))
+
+
 def group_scores(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
     """(scores [K] as decoding picks by, raw candidate logits [K, V_all], head-only scores [K])."""
     cands = group["candidates"]
@@ -145,13 +196,33 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb).item() / den) if den else 0.0
 
 
+def group_files(groups_dir: str | Path) -> list[Path]:
+    """The groups files `s2t collect` wrote in a directory: `groups.jsonl` (one shard) and/or
+    `groups.shardIofN.jsonl`, in shard order."""
+    d = Path(groups_dir)
+    shards = sorted(d.glob("groups.shard*of*.jsonl"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)])
+    return [p for p in [d / "groups.jsonl", *shards] if p.is_file()]
+
+
+def groups_sha256(groups_dir: str | Path) -> str:
+    """The groups' content: one file's sha256, or (shards) the sha256 of the files' names and sha256s."""
+    files = group_files(groups_dir)
+    if len(files) == 1:
+        return sha256_of(files[0])
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name} {sha256_of(p)}\n".encode())
+    return h.hexdigest()
+
+
 def load_groups(groups_dir: str | Path, max_groups: int | None = None) -> list[dict]:
-    path = Path(groups_dir) / "groups.jsonl"
-    if not path.is_file():
+    """Every group of every shard, in shard order."""
+    files = group_files(groups_dir)
+    if not files:
         raise S2TError(f"no groups.jsonl in {groups_dir}: run `s2t collect` first")
-    groups = [dict(g, item=r["item"]) for r in read_jsonl(path) for g in r["groups"]]
+    groups = [dict(g, item=r["item"]) for path in files for r in read_jsonl(path) for g in r["groups"]]
     if not groups:
-        raise S2TError(f"{path} holds no groups")
+        raise S2TError(f"{groups_dir} holds no groups")
     return groups[:max_groups] if max_groups else groups
 
 

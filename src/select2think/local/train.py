@@ -29,6 +29,7 @@ from .objective import (
     TrainConfig,
     group_loss,
     group_scores,
+    groups_sha256,
     load_groups,
     spearman,
     split_groups,
@@ -108,7 +109,7 @@ def train_identity(cfg: TrainConfig) -> dict:
     """What a resumed run must share with the run that wrote the state: every setting that changes the
     result, the groups by their content (sha256), not the directory's name."""
     d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE and k != "groups"}
-    return {**d, "groups_sha256": sha256_of(Path(cfg.groups) / "groups.jsonl")}
+    return {**d, "groups_sha256": groups_sha256(cfg.groups)}
 
 
 def check_resume(cfg: TrainConfig) -> dict | None:

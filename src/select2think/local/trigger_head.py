@@ -23,6 +23,8 @@ def load_features(groups_dir: str | Path):
     xs, ys, owners = [], [], []
     for f in files:
         z = np.load(f)
+        if "hidden" not in z:
+            raise S2TError(f"{f} has no hidden states: collect with a backend that gives them (hf)")
         xs.append(np.concatenate([z["features"], z["hidden"].astype(np.float32)], axis=1))
         ys.append(z["label"].astype(np.float32))
         owners.append(np.full(len(z["label"]), f.stem))  # the problem's id
