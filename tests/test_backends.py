@@ -156,3 +156,41 @@ def test_llamacpp_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if it were not installed
     err = _one_error_line(capsys, ["generate", "--backend", "llama.cpp", "--slm", "tiny-slm", "hi"])
     assert "make llama" in err
+
+
+@pytest.mark.skipif("llama.cpp" not in ENGINES, reason="llama-cpp-python is not installed")
+def test_every_policy_runs_on_llamacpp_and_s2t_local_matches_its_reference(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from select2think import DecodeConfig, generate, load_pair
+    from select2think.local.selector import apply_selector
+
+    pair = load_pair("tiny-slm", "tiny-llm", backend="llama.cpp")
+    assert pair.slm.n_params > 0 and pair.slm.context_length and pair.llm.n_params > pair.slm.n_params
+    prompts = ["What is 2+2?", "Name a fruit.", "Hi there"]
+    for kw in (
+        {"policy": "greedy"},
+        {"policy": "llm"},
+        {"policy": "sample", "seed": 1},
+        {"policy": "s2t", "trigger": "kl", "threshold": 0.5},
+        {"policy": "takeover", "trigger": "entropy", "threshold": 2.0},
+    ):
+        out = generate(pair, prompts, DecodeConfig(max_new_tokens=12, **kw), batch_size=3)
+        assert all(len(g.token_ids) > 0 for g in out.generations), kw
+    torch.manual_seed(0)
+    save_file(
+        {"reserved_ids": torch.arange(49152, 49168), "weight": torch.randn(16, 64)},
+        tmp_path / "reserved_rows.safetensors",
+    )
+    (tmp_path / "selector.json").write_text(json.dumps({"slm": "tiny-slm", "head_only": True, "prior_weight": 0.1}))
+    local = apply_selector(load_pair("tiny-slm", None, backend="llama.cpp"), tmp_path)
+    cfg = {"policy": "s2t-local", "trigger": "entropy", "threshold": 2.0, "max_new_tokens": 16}
+    runs = [
+        generate(local, prompts, DecodeConfig(fast=fast, **cfg), batch_size=bs)
+        for fast in (True, False)
+        for bs in (1, 3)
+    ]
+    assert runs[0].stats.triggers > 0 and runs[0].stats.flips > 0
+    assert all([g.token_ids for g in r.generations] == [g.token_ids for g in runs[0].generations] for r in runs)

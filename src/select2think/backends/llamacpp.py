@@ -139,6 +139,7 @@ class LlamaCppBackend(Backend):
         hidden_states: bool = True,
         kv_type: str = "f16",
         flash_attn: bool | None = None,
+        parent: LlamaCppBackend | None = None,
     ):
         lib = llama_cpp_module()
         self.lib = lib
@@ -153,13 +154,26 @@ class LlamaCppBackend(Backend):
         self.n_batch = int(n_batch or n_ctx)
         self.model = None
         self.ctx = None
-
-        mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        _log_lines.clear()
-        model = lib.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise S2TError(f"llama.cpp could not load {path}: {_last_error()}")
+        self._settings = {
+            "n_ctx": n_ctx,
+            "n_seq_max": n_seq_max,
+            "n_batch": n_batch,
+            "n_ubatch": n_ubatch,
+            "n_threads": n_threads,
+            "hidden_states": hidden_states,
+            "kv_type": kv_type,
+            "flash_attn": flash_attn,
+        }
+        self._parent = parent  # a spawned backend shares its parent's weights (and keeps the parent alive)
+        if parent is not None:
+            model = parent.model
+        else:
+            mparams = lib.llama_model_default_params()
+            mparams.n_gpu_layers = 0
+            _log_lines.clear()
+            model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+            if not model:
+                raise S2TError(f"llama.cpp could not load {path}: {_last_error()}")
         self.model = model
 
         cparams = lib.llama_context_default_params()
@@ -185,6 +199,8 @@ class LlamaCppBackend(Backend):
         self.mem = lib.llama_get_memory(ctx)
         vocab = lib.llama_model_get_vocab(model)
         super().__init__(vocab_rows=lib.llama_vocab_n_tokens(vocab), hidden_size=lib.llama_model_n_embd(model))
+        self.n_params = int(lib.llama_model_n_params(model))
+        self.context_length = int(lib.llama_model_n_ctx_train(model))
         self.capabilities = Capabilities(full_logits=True, hidden_states=hidden_states, sibling_scoring=True)
         self._embeddings_on = False
         self._batch = _Batch(lib, 0)
@@ -192,13 +208,17 @@ class LlamaCppBackend(Backend):
         self.reset(0)
 
     # -- lifetime ------------------------------------------------------------------------------------
+    def spawn(self) -> LlamaCppBackend:
+        """A second context (its own KV cache) on the same loaded weights."""
+        return LlamaCppBackend(self.path, **self._settings, parent=self)
+
     def close(self) -> None:
         if self.ctx:
             self.lib.llama_free(self.ctx)
             self.ctx = None
-        if self.model:
+        if self.model and self._parent is None:
             self.lib.llama_model_free(self.model)
-            self.model = None
+        self.model = None
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
