@@ -154,7 +154,7 @@ class LlamaCppBackend(Backend):
         self.n_batch = int(n_batch or n_ctx)
         self.model = None
         self.ctx = None
-        self._settings = {
+        self._settings: dict[str, Any] = {
             "n_ctx": n_ctx,
             "n_seq_max": n_seq_max,
             "n_batch": n_batch,
