@@ -16,6 +16,7 @@ from .data.datasets import load_dataset, load_gsm_symbolic
 from .data.prompts import math_prompt
 from .decoding import DecodeConfig, generate
 from .decoding.calibrate import calibrate, load_threshold
+from .decoding.state import DecodeStats
 from .eval.grading import extract_answer, is_correct
 from .local.bundle import bundled_trigger, shipped_bundle
 from .local.selector import apply_selector
@@ -43,7 +44,10 @@ def demo_threshold(pair: ModelPair, quantile: float, n_calib: int, max_new_token
         console.print(f"calibrating the kl trigger on {n_calib} gsm_symbolic:calib problems (once; cached at {path})")
         calib = load_gsm_symbolic("calib", limit=n_calib)
         prompts = [math_prompt(i.question) for i in calib.items]
-        calibrate(pair, prompts, "kl", quantile, dataset="gsm_symbolic:calib", max_new_tokens=max_new_tokens).save(path)
+        cal = calibrate(
+            pair, prompts, "kl", quantile, dataset="gsm_symbolic:calib", max_new_tokens=max_new_tokens, progress=True
+        )
+        cal.save(path)
     return load_threshold(path, "kl", pair.slm_name, pair.llm_name)
 
 
@@ -71,9 +75,12 @@ def run_demo(
 
     def run(label: str, cfg: DecodeConfig, trigger=None) -> None:
         console.print(f"running {label} on {n} GSM8K test problems ...")
-        res = generate(pair, prompts, cfg, batch_size=1, trigger=trigger)
-        correct = sum(is_correct(extract_answer(t), i.answer) for t, i in zip(res.texts, items, strict=True))
-        st = res.stats
+        st, correct = DecodeStats(), 0
+        for k, (prompt, item) in enumerate(zip(prompts, items, strict=True), 1):  # one at a time: progress
+            res = generate(pair, [prompt], cfg, batch_size=1, trigger=trigger)
+            ok = is_correct(extract_answer(res.texts[0]), item.answer)
+            st, correct = st + res.stats, correct + ok
+            console.print(f"  {k}/{n}: {'right' if ok else 'wrong'}, {res.stats.generated_tokens} tokens")
         rows.append(DemoRow(label, correct, n, st.generated_tokens, st.llm_forwards, st.trigger_rate, st.wall_time_s))
 
     for label, cfg in configs:
