@@ -21,12 +21,13 @@ $(VENV)/.models: $(VENV)/.installed requirements/models.txt
 install: $(VENV)/.installed
 
 # The llama.cpp engine (optional): llama-cpp-python has no CPU wheel on PyPI, so pip compiles llama.cpp.
-# Its runtime deps (numpy, typing-extensions, diskcache, jinja2) are small and pull no torch. A failed build
+# Its runtime deps are numpy, typing-extensions and jinja2 (already here with torch and transformers) and diskcache;
+# --no-deps keeps pip's resolver from re-checking the data wheels' own pins. A failed build
 # is not fatal: everything still runs on the transformers backend.
 LLAMA_PIN := llama-cpp-python==0.3.36
 $(VENV)/.llama: $(VENV)/.installed
 	@echo "building $(LLAMA_PIN) from source: 4-9 minutes on 2 cores"
-	@if $(PIP) "$(LLAMA_PIN)"; then touch $@; else \
+	@if $(PIP) --no-deps "$(LLAMA_PIN)" diskcache==5.6.3; then touch $@; else \
 		echo "llama-cpp-python failed to build; the transformers backend still works."; \
 		echo "Retry with: make llama  (needs a C++ compiler and cmake; full log: $(PY) -m pip install -v $(LLAMA_PIN))"; \
 	fi
