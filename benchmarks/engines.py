@@ -96,6 +96,12 @@ def engine_agreement(engines: dict, prompts, max_new: int) -> dict:
     return out
 
 
+def save(report: dict, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4, help="gsm_symbolic:dev problems")
@@ -117,7 +123,7 @@ def main() -> None:
     report["greedy"] = greedy_speed(engines, prompts, args.max_new_tokens)
     print(json.dumps(report, indent=2), flush=True)
     if args.greedy_only:
-        return
+        return save(report, args.out)
     cpp = engines["llama.cpp"]
     calib = [math_prompt(i.question) for i in load_dataset("gsm_symbolic:calib").take(args.calib)]
     cal = calibrate(cpp, calib, "kl", args.quantile, "gsm_symbolic:calib", max_new_tokens=args.max_new_tokens)
@@ -125,11 +131,8 @@ def main() -> None:
     report["s2t_llama.cpp"] |= s2t_vs_llm(cpp, prompts, cal.threshold, args.max_new_tokens)
     print(json.dumps(report, indent=2), flush=True)
     report["engine_agreement"] = engine_agreement(engines, prompts, args.max_new_tokens)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(json.dumps(report, indent=2))
+    save(report, args.out)
 
 
 if __name__ == "__main__":
