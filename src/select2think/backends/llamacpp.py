@@ -46,12 +46,10 @@ _log_cb = None  # keeps the ctypes callback alive
 
 
 def llama_cpp_module() -> Any:
-    """Import llama_cpp once: passive OpenMP waiting, backend initialised, its log captured instead of printed."""
+    """Import llama_cpp once: backend initialised, its log captured instead of printed."""
     global _lib, _log_cb
     if _lib is not None:
         return _lib
-    # busy-waiting OpenMP threads collapse when another process shares the cores; must be set before the import
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import llama_cpp
     except ImportError as e:
@@ -73,8 +71,9 @@ def llama_cpp_module() -> Any:
 
 
 def default_threads() -> int:
-    """`$S2T_LLAMA_THREADS`, else every core up to 8. OpenMP threads wait passively (set on import): busy-waiting
-    threads collapsed whenever another process shared the cores (docs/results.md, "Engines")."""
+    """`$S2T_LLAMA_THREADS`, else every core up to 8. OpenMP's wait policy is read when torch loads, so it is the
+    user's to set: busy-waiting threads are fastest alone and collapse when another process shares the cores
+    (then `S2T_LLAMA_THREADS=1` or `OMP_WAIT_POLICY=PASSIVE`; docs/results.md, "Engines")."""
     value = os.environ.get("S2T_LLAMA_THREADS", str(min(os.cpu_count() or 1, 8)))
     try:
         n = int(value)
