@@ -1,0 +1,50 @@
+"""Accuracy of each policy on the items every policy of a run finished (a run stopped part way, or sharded),
+with Wilson 95% intervals, beside another run's greedy on the same items.
+
+    python benchmarks/paired_table.py runs/gsm8k100-llama --reference docs/measurements/gsm8k200_run2/results.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+from pathlib import Path
+
+
+def rows_of(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p, d = k / n, 1 + z * z / n
+    c, h = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (c - h) / d, (c + h) / d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a run directory or a results .jsonl(.gz) file")
+    ap.add_argument("--reference", type=Path, help="results of another run: its greedy on the same items")
+    args = ap.parse_args()
+    files = sorted(args.run.glob("results.shard*of*.jsonl")) if args.run.is_dir() else [args.run]
+    by: dict[str, dict[str, dict]] = {}
+    for f in files:
+        for r in rows_of(f):
+            by.setdefault(r["policy"], {})[r["item"]] = r
+    common = sorted(set.intersection(*(set(v) for v in by.values())))
+    print(f"items every policy finished: {len(common)}")
+    for policy, items in by.items():
+        k = sum(items[i]["correct"] for i in common)
+        lo, hi = wilson(k, len(common))
+        print(f"{policy}: {k}/{len(common)} = {k / len(common):.1%} (95% CI {lo:.1%}-{hi:.1%})")
+    if args.reference:
+        ref = {r["item"]: r["correct"] for r in rows_of(args.reference) if r["policy"] == "greedy"}
+        print(f"reference greedy on the same items: {sum(ref[i] for i in common)}/{len(common)}")
+
+
+if __name__ == "__main__":
+    main()
