@@ -9,20 +9,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 from pathlib import Path
+
+from select2think.eval.report import wilson
 
 
 def rows_of(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip().endswith("}")]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p, d = k / n, 1 + z * z / n
-    c, h = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (c - h) / d, (c + h) / d
 
 
 def main() -> None:
