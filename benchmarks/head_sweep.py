@@ -46,6 +46,31 @@ def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:
     return [agree(init)] + [agree(rows) for _, rows, _ in train_rows(init, hidden, logp, q, tr, cfg)]
 
 
+def rows_after(hidden, logp, q, tr, cfg, epochs: int) -> torch.Tensor:
+    """The reserved rows after `epochs` epochs of `s2t train --head-only`'s loop (0: untrained)."""
+    rows = torch.zeros(16, hidden.shape[-1])
+    for epoch, trained, _ in train_rows(rows, hidden, logp, q, tr, dataclasses.replace(cfg, epochs=max(epochs, 1))):
+        if epoch == epochs:
+            rows = trained.detach().clone()
+    return rows
+
+
+def gate_cv(hidden, logp, q, idx, fold, folds: int, cfg, epochs: int, gates: list[float]) -> list[dict]:
+    """Per gate, the fold-weighted mean of head_metrics on each held-out fold (flips right and broken too),
+    the rows trained on the other folds for `epochs` epochs."""
+    sums = {g: {} for g in gates}
+    total = 0
+    for f in range(folds):
+        tr, va = idx[fold != f], idx[fold == f]
+        rows = rows_after(hidden, logp, q, tr, cfg, epochs)
+        total += len(va)
+        for g in gates:
+            m = head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight, g)
+            for k in ("agree_at_1", "slm_top1_agree", "flips", "flips_right", "flips_broke"):
+                sums[g][k] = sums[g].get(k, 0.0) + m[k] * len(va)
+    return [{"gate": g, **{k: v / total for k, v in sums[g].items()}} for g in gates]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", required=True)
@@ -61,6 +86,11 @@ def main() -> None:
         type=float,
         default=1.0,
         help="fit on this share of each fold's training problems (a learning curve: would more groups help?)",
+    )
+    ap.add_argument(
+        "--gates",
+        default="",
+        help="comma list: for the best setting, choose the confidence gate by the same cross-validation",
     )
     ap.add_argument("--out", default="runs/head_sweep.json")
     args = ap.parse_args()
@@ -115,6 +145,18 @@ def main() -> None:
         )
         print(f"lr {lr:g} prior {prior:g}: untrained {mean[0]:.3f}  best {mean[best]:.3f} at epoch {best}", flush=True)
     results.sort(key=lambda r: -r["cv_agree_at_1"])
+    gates = []
+    if args.gates:
+        best = results[0]
+        tuned = dataclasses.replace(cfg, head_lr=best["head_lr"], prior_weight=best["prior_weight"])
+        grid = [float(x) for x in args.gates.split(",")]
+        gates = gate_cv(hidden, logp, q, idx, fold, args.folds, tuned, best["best_epoch"], grid)
+        for g in gates:
+            print(
+                f"gate {g['gate']:g}: CV Agree@1 {g['agree_at_1']:.3f} (SLM top-1 {g['slm_top1_agree']:.3f}), flips "
+                f"{g['flips']:.3f}, to the LLM's choice {g['flips_right']:.3f}, breaking {g['flips_broke']:.3f}",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
@@ -125,6 +167,8 @@ def main() -> None:
                 "train_fraction": args.train_fraction,
                 "train_problems": len(items),
                 "results": results,
+                "gates": gates,
+                "best_gate": max(gates, key=lambda g: g["agree_at_1"])["gate"] if gates else None,
             },
             indent=2,
         )

@@ -240,3 +240,24 @@ def test_candidate_hidden_from_collect_is_what_head_only_computes(tmp_path, monk
     ref_h, ref_lp = group_features(model, groups, V, other, progress=False)
     assert torch.allclose(fast_h, ref_h, atol=2e-2, rtol=1e-2)  # fp16 on disk
     assert torch.allclose(fast_lp, ref_lp, atol=1e-4)
+
+
+def test_head_only_computes_a_problems_groups_in_one_tree_pass_as_each_alone(tmp_path):
+    from select2think import load_pair
+    from select2think.local.head_only import computed
+    from select2think.local.objective import TrainConfig, candidate_hidden, prefix_logp
+
+    out = tmp_path / "g"
+    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 2, "max_new_tokens": 16}
+    run_collect(_cfg(out=str(out), **kw), progress=False)
+    groups = load_groups(out)
+    cut = dict(groups[-1], context=groups[-1]["context"][1:])  # not a prefix of its problem's trajectory
+    groups = [*groups, cut]
+    assert len({g["item"] for g in groups}) == 2 and len(groups) > 3
+    cfg = TrainConfig(slm="tiny-slm", groups=str(out), out="", dtype="fp32")
+    slm = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    model, V = slm.slm_module(), slm.vocab_size
+    for g, (h, lp) in zip(groups, computed(model, groups, V, cfg), strict=True):
+        ref = candidate_hidden(model, g["context"], g["candidates"], "tree", with_prefix=True)
+        assert torch.allclose(h, ref[1:].float(), atol=1e-4)
+        assert torch.allclose(lp, prefix_logp(model, ref[:1], torch.tensor([g["candidates"]]), V)[0], atol=1e-4)

@@ -142,3 +142,40 @@ def test_local_rows_finishing_early_leave_both_caches_and_the_rest_decode_unchan
 
 def ids(result):
     return [g.token_ids for g in result.generations]
+
+
+def test_gate_keeps_the_slm_top1_unless_the_pick_leads_it_by_more():
+    from select2think.decoding.local_scorer import gated_pick
+
+    scores = torch.tensor([[0.5, 0.7, 0.1], [0.5, 0.55, 0.2], [0.5, 0.5, 0.1], [0.9, 0.1, 0.2]])
+    assert gated_pick(scores).tolist() == [1, 1, 0, 0]  # gate 0: argmax; a tie keeps the SLM's top-1
+    assert gated_pick(scores, 0.1).tolist() == [1, 0, 0, 0]
+    assert gated_pick(scores, 0.2).tolist() == [0, 0, 0, 0]  # a lead equal to the gate is not enough
+
+
+def test_a_gated_selector_decodes_as_training_measured_it(tiny_pair, entropy_threshold, tmp_path):
+    """The gate in selector.json reaches decoding: an unreachable gate decodes exactly as greedy, gate 0 as the
+    plain argmax, and the flips that training's metrics count as gated are the ones decoding makes."""
+    from safetensors.torch import save_file
+
+    from select2think.local.selector import apply_selector
+
+    rows = torch.randn(16, tiny_pair.slm.hidden_size, generator=torch.Generator().manual_seed(0))
+    save_file(
+        {"reserved_ids": torch.tensor(tiny_pair.reserved_ids), "weight": rows}, tmp_path / "reserved_rows.safetensors"
+    )
+    prompts = ["What is 2+2?", "Name a fruit."]
+    cfg = DecodeConfig(policy="s2t-local", trigger="entropy", threshold=entropy_threshold, k=8, max_new_tokens=24)
+    greedy = generate(tiny_pair, prompts, DecodeConfig(policy="greedy", max_new_tokens=24))
+    out = {}
+    try:
+        for gate in (0.0, 1e9):
+            meta = {"slm": tiny_pair.slm_name, "head_only": True, "prior_weight": 0.1, "gate": gate}
+            (tmp_path / "selector.json").write_text(__import__("json").dumps(meta))
+            apply_selector(tiny_pair, tmp_path)
+            assert tiny_pair.selector.gate == gate
+            out[gate] = generate(tiny_pair, prompts, cfg)
+    finally:
+        tiny_pair.selector = None
+    assert out[0.0].stats.flips > 0 and ids(out[0.0]) != ids(greedy)
+    assert out[1e9].stats.flips == 0 and ids(out[1e9]) == ids(greedy)

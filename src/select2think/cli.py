@@ -425,6 +425,11 @@ def train(
     ),
     head_batch: int = typer.Option(32, help="groups per step with --head-only"),
     keep: str = typer.Option("best", help="--head-only: best (validation epoch; its score is then optimistic) | last"),
+    gate: float = typer.Option(
+        0.0,
+        help="overrule the SLM's top-1 only when the pick's score leads it by more than this "
+        "(choose it by cross-validation: benchmarks/head_sweep.py --gates)",
+    ),
     max_groups: int | None = typer.Option(None),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
     layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
@@ -449,6 +454,7 @@ def train(
             head_only=head_only,
             head_batch=head_batch,
             keep=keep,
+            gate=gate,
             checkpoint_every=checkpoint_every,
             max_groups=max_groups,
             layout=layout,
@@ -466,8 +472,9 @@ def train(
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
         console.print(
             f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
-            f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%} "
-            f"({h['n']} groups)"
+            f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%}, "
+            f"flips {h.get('flips', 0):.1%} (to the LLM's choice {h.get('flips_right', 0):.1%}, breaking a right "
+            f"top-1 {h.get('flips_broke', 0):.1%}) ({h['n']} groups)"
         )
     if res.get("best_epoch") == 0 and keep == "best":
         console.print(

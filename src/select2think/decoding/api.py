@@ -56,7 +56,7 @@ def local_head(pair: ModelPair, cfg: DecodeConfig) -> ReservedHead:
     """The applied selector's head, or (no selector applied) the SLM's own reserved rows, untrained."""
     pair.slm.require("hidden_states", "S2T-Local")
     if pair.selector is not None:
-        return ReservedHead(pair.selector.rows, pair.selector.prior_weight, cfg.k)
+        return ReservedHead(pair.selector.rows, pair.selector.prior_weight, cfg.k, pair.selector.gate)
     if not pair.reserved_ids:
         raise S2TError(f"{pair.slm_name} has no 16 unused rows or special tokens to reserve for S2T-Local")
     output_rows = getattr(pair.slm, "output_rows", None)

@@ -36,6 +36,16 @@ def with_prior(scores: torch.Tensor, cand_logp: torch.Tensor, prior_weight: floa
     return scores if not prior_weight else scores + prior_weight * cand_logp.to(scores.device, scores.dtype)
 
 
+def gated_pick(scores: torch.Tensor, gate: float = 0.0) -> torch.Tensor:
+    """Index [...] of the winner among scores [..., K] of candidates in the SLM's rank order: the best, unless
+    it leads candidate 0 (the SLM's own top-1) by no more than `gate`. A wrong overrule derails a trajectory
+    as surely as a right one rescues it, so a selector overrules only when it is confident; gate 0 is the
+    plain argmax (ties keep the SLM's top-1)."""
+    best = scores.argmax(-1)
+    lead = scores.gather(-1, best.unsqueeze(-1)).squeeze(-1) - scores[..., 0]
+    return torch.where(lead > gate, best, torch.zeros_like(best))
+
+
 class ReservedHead(Selector):
     """S2T-Local's selector: the SLM's top-K candidates scored by the reserved rows from each candidate's
     final hidden state (the engine scores the K siblings in one forward: `Backend.score_siblings`)."""
@@ -43,8 +53,8 @@ class ReservedHead(Selector):
     name = "reserved-head"
     needs_candidates = True  # select() needs the candidates' hidden states [N, K, H]
 
-    def __init__(self, rows: torch.Tensor, prior_weight: float = 0.0, k: int = 8):
-        self.rows, self.prior_weight, self.k = rows.float(), prior_weight, k
+    def __init__(self, rows: torch.Tensor, prior_weight: float = 0.0, k: int = 8, gate: float = 0.0):
+        self.rows, self.prior_weight, self.k, self.gate = rows.float(), prior_weight, k, gate
 
     def candidates(self, slm_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N, K], log-probs [N, K]) of the SLM's top-K, in rank order."""
@@ -53,7 +63,7 @@ class ReservedHead(Selector):
 
     def pick(self, cand_logp: torch.Tensor, cand_hidden: torch.Tensor) -> torch.Tensor:
         """Index [N] of the winning candidate, from log-probs [N, K] and hidden states [N, K, H]."""
-        return with_prior(reserved_scores(cand_hidden, self.rows), cand_logp, self.prior_weight).argmax(-1)
+        return gated_pick(with_prior(reserved_scores(cand_hidden, self.rows), cand_logp, self.prior_weight), self.gate)
 
     def select(self, slm_logp, llm_logp=None, keys=None, cand_hidden=None):
         top, top_lp = self.candidates(slm_logp)

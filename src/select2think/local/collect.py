@@ -62,10 +62,9 @@ from ..io import (
 )
 from ..models.chat import encode_prompts
 from ..progress import Progress
-from .objective import group_files, prefix_logp, trajectory_candidate_hidden
+from .objective import CONTEXT, group_files, prefix_logp, trajectory_candidate_hidden
 
 GROUP_K = 16
-CONTEXT = 511
 TRAJECTORIES = ("s2t", "slm")
 
 

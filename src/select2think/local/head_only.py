@@ -23,7 +23,15 @@ import torch
 
 from ..decoding.local_scorer import reserved_scores, with_prior
 from ..io import atomic_path, read_json, write_json
-from .objective import TIED, TrainConfig, candidate_hidden, prefix_logp, selection_loss, spearman
+from .objective import (
+    CONTEXT,
+    TrainConfig,
+    candidate_hidden,
+    prefix_logp,
+    selection_loss,
+    selection_metrics,
+    trajectory_candidate_hidden,
+)
 
 FEATURES = "head_features"
 
@@ -68,6 +76,32 @@ class CollectedCandidates:
 
 
 @torch.no_grad()
+def computed(model, groups: list[dict], vocab_size: int, cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden [K, H] fp32, logp [K]) per group, by the backbone. In the tree layout the groups of one problem
+    whose context is their whole prefix (shorter than the CONTEXT cut) share one trajectory, so one
+    tree forward per 32 of them (objective.trajectory_candidate_hidden) replaces a forward over the prefix
+    per group; the others (cut contexts, the naive layout) get their own forward."""
+    out: list = [None] * len(groups)
+    by_item: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        if cfg.layout == "tree" and len(g["context"]) < CONTEXT:
+            by_item.setdefault(g["item"], []).append(i)
+    for idx in by_item.values():
+        ids = max((groups[i]["context"] for i in idx), key=len)
+        idx = [i for i in idx if ids[: len(groups[i]["context"])] == groups[i]["context"]]
+        cands = [groups[i]["candidates"] for i in idx]
+        hidden, prefix = trajectory_candidate_hidden(model, ids, [len(groups[i]["context"]) for i in idx], cands)
+        logp = prefix_logp(model, prefix, torch.tensor(cands), vocab_size)
+        for j, i in enumerate(idx):
+            out[i] = hidden[j].float(), logp[j]
+    for i, g in enumerate(groups):
+        if out[i] is None:
+            hid = candidate_hidden(model, g["context"], g["candidates"], cfg.layout, with_prefix=True)
+            out[i] = hid[1:].float(), prefix_logp(model, hid[:1], torch.tensor([g["candidates"]]), vocab_size)[0]
+    return out
+
+
+@torch.no_grad()
 def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig, progress: bool = True):
     """Candidates' final hidden states [N, K, H] fp32 and their SLM log-probs [N, K], cached per chunk of
     `cfg.checkpoint_every` groups (a chunk is reused only if it holds the same groups)."""
@@ -86,17 +120,16 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
             path = out / f"{start:07d}.pt"
             chunk = torch.load(path, weights_only=True) if path.is_file() else None
             if chunk is None or chunk["keys"] != keys:
-                h, lp = [], []
-                for g in part:
-                    got = collected(g)
-                    if got is None:
-                        hid = candidate_hidden(model, g["context"], g["candidates"], cfg.layout, with_prefix=True)
-                        cands = torch.tensor([g["candidates"]])
-                        got = hid[1:].float(), prefix_logp(model, hid[:1], cands, vocab_size)[0]
-                    h.append(got[0].to(device))
-                    lp.append(got[1].to(device))
-                    bar.advance(task)
-                chunk = {"keys": keys, "hidden": torch.stack(h).cpu(), "logp": torch.stack(lp).cpu()}
+                got = [collected(g) for g in part]
+                missing = [i for i, x in enumerate(got) if x is None]
+                for i, x in zip(missing, computed(model, [part[i] for i in missing], vocab_size, cfg), strict=True):
+                    got[i] = x
+                bar.advance(task, len(part))
+                chunk = {
+                    "keys": keys,
+                    "hidden": torch.stack([x[0].to(device) for x in got]).cpu(),
+                    "logp": torch.stack([x[1].to(device) for x in got]).cpu(),
+                }
                 with atomic_path(path) as tmp:
                     torch.save(chunk, tmp)
             else:
@@ -112,18 +145,11 @@ def head_scores(rows: torch.Tensor, hidden: torch.Tensor, logp: torch.Tensor, pr
     return with_prior(head, logp, prior_weight), head
 
 
-def head_metrics(rows, hidden, logp, q, prior_weight) -> dict:
+def head_metrics(rows, hidden, logp, q, prior_weight, gate: float = 0.0) -> dict:
     """The same validation numbers as train.evaluate, from cached features."""
     with torch.no_grad():
         s, head = head_scores(rows, hidden, logp, prior_weight)
-    n = max(len(q), 1)
-    return {
-        "agree_at_1": float((s.argmax(-1) == q.argmax(-1)).float().sum()) / n,
-        "slm_top1_agree": float((q.argmax(-1) == 0).float().sum()) / n,
-        "spearman": sum(spearman(a, b) for a, b in zip(s, q, strict=True)) / n,
-        "tied": float(((head.max(-1).values - head.min(-1).values) < TIED).float().sum()) / n,
-        "n": len(q),
-    }
+    return selection_metrics(s, q, head, gate)
 
 
 def train_rows(init: torch.Tensor, hidden, logp, q, tr: torch.Tensor, cfg: TrainConfig):
@@ -161,12 +187,14 @@ def fit_head_only(
     tr, va = (torch.tensor([where[id(g)] for g in part], dtype=torch.long) for part in (train, val))
     init = model.get_output_embeddings().weight.detach()[reserved].float().cpu()
     start = torch.zeros_like(init) if cfg.prior_weight > 0 else init.clone()
-    history = [{"epoch": 0, "train_loss": None, **head_metrics(start, hidden[va], logp[va], q[va], cfg.prior_weight)}]
+
+    def scored(rows) -> dict:
+        return head_metrics(rows, hidden[va], logp[va], q[va], cfg.prior_weight, cfg.gate)
+
+    history = [{"epoch": 0, "train_loss": None, **scored(start)}]
     best_epoch, best_rows = 0, start.clone()
     for epoch, trained, loss in train_rows(start, hidden, logp, q, tr, cfg):
-        history.append(
-            {"epoch": epoch, "train_loss": loss, **head_metrics(trained, hidden[va], logp[va], q[va], cfg.prior_weight)}
-        )
+        history.append({"epoch": epoch, "train_loss": loss, **scored(trained)})
         if cfg.keep == "last" or history[-1]["agree_at_1"] > history[best_epoch]["agree_at_1"]:
             best_epoch, best_rows = epoch, trained.detach().clone()
     out = Path(cfg.out)
@@ -179,6 +207,7 @@ def fit_head_only(
         "slm": cfg.slm,
         "reserved_ids": reserved,
         "prior_weight": cfg.prior_weight,
+        "gate": cfg.gate,
         "head_only": True,
         "best_epoch": best_epoch,
         "config": asdict(cfg),

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from ..backends.tree import additive, sibling_visibility
-from ..decoding.local_scorer import score_from_logits, with_prior
+from ..decoding.local_scorer import gated_pick, score_from_logits, with_prior
 from ..errors import S2TError
 from ..io import read_jsonl, sha256_of
 from .split import validation_problems
+
+CONTEXT = 511  # a group keeps at most this many tokens of its prefix (collect cuts, training reads)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainConfig:
     max_groups: int | None = None
     seed: int = 0
     checkpoint_every: int = 100  # groups; a killed run resumes from the last checkpoint
+    gate: float = 0.0  # overrule the SLM's top-1 only when the pick leads it by more (decoding.local_scorer.gated_pick)
     layout: str = "tree"
     dtype: str = "fp32"
     device: str = "auto"
@@ -59,6 +62,8 @@ class TrainConfig:
             raise S2TError(f"keep must be best or last, got {self.keep!r}")
         if self.head_batch < 1:
             raise S2TError(f"head_batch must be >= 1 group, got {self.head_batch}")
+        if not 0.0 <= self.gate < float("inf"):
+            raise S2TError(f"gate must be a number >= 0, got {self.gate}")
         if self.checkpoint_every < 1:
             raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
 
@@ -186,6 +191,32 @@ def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
             ].log_softmax(-1)
         loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
     return loss, scores.detach(), q / q.sum()
+
+
+def selection_metrics(scores: torch.Tensor, q: torch.Tensor, head: torch.Tensor, gate: float = 0.0) -> dict:
+    """Validation numbers for scores as decoding picks by, the LLM's probabilities and the head's own scores
+    [N, K] (candidates in the SLM's rank order): Agree@1 beside the bar to clear (how often the SLM's top-1,
+    candidate 0, is already the LLM's choice); flips (picks other than the SLM's top-1), those that chose
+    the LLM's choice and those that broke an SLM top-1 that was already it; `tied`: groups whose head scores
+    are all equal (the collapse where one reserved row wins every softmax; an untrained head with a prior)."""
+    pick, best = gated_pick(scores, gate), q.argmax(-1)
+    flip = pick != 0
+    n = max(len(q), 1)
+
+    def share(mask: torch.Tensor) -> float:
+        return float(mask.float().sum()) / n
+
+    return {
+        "agree_at_1": share(pick == best),
+        "slm_top1_agree": share(best == 0),
+        "spearman": sum(spearman(a, b) for a, b in zip(scores, q, strict=True)) / n,
+        "tied": share((head.max(-1).values - head.min(-1).values) < TIED),
+        "flips": share(flip),
+        "flips_right": share(flip & (pick == best)),
+        "flips_broke": share(flip & (best == 0)),
+        "gate": gate,
+        "n": len(q),
+    }
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -58,7 +58,10 @@ def apply_selector(pair, path: str | Path, mode: str = "coupled"):
     if not head_only:
         _apply_lora(pair, path, mode)
     # scores in fp32 as training computed them: bf16 rounds logits near 10 to 1/32, enough to tie candidates
-    pair.selector = ReservedHead(rows["weight"].float(), float(meta.get("prior_weight", 0.0)))
+    gate = meta.get("gate", 0.0)  # chosen after training by cross-validation (benchmarks/head_sweep.py)
+    if not isinstance(gate, int | float) or not 0 <= gate < float("inf"):
+        raise S2TError(f"{path / 'selector.json'}: gate must be a number >= 0, got {gate!r}")
+    pair.selector = ReservedHead(rows["weight"].float(), float(meta.get("prior_weight", 0.0)), gate=float(gate))
     return pair
 
 

@@ -25,13 +25,12 @@ import torch
 from ..errors import S2TError
 from ..io import atomic_path, check_safetensors, differences, read_json, run_lock, sha256_of, write_json
 from .objective import (
-    TIED,
     TrainConfig,
     group_loss,
     group_scores,
     groups_sha256,
     load_groups,
-    spearman,
+    selection_metrics,
     split_groups,
 )
 from .selector import save_selector
@@ -76,33 +75,21 @@ def prepare_model(slm_model, reserved, cfg: TrainConfig):
 
 
 def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
-    """Agree@1 and Spearman with the LLM on held-out groups, beside the bar to clear: how often the SLM's
-    own top-1 (candidate 0, candidates being in SLM order) is already the LLM's choice. `tied` counts
-    groups whose head scores are all equal: the collapse where one reserved row wins every softmax (and the
-    untrained head of a selector with a prior, which then picks as greedy does)."""
-    agree, slm_agree, tied, rhos = 0, 0, 0, []
+    """objective.selection_metrics on held-out groups."""
+    scores, heads = [], []
     model.eval()
     with torch.no_grad():
         for g in groups:
             s, _, head = group_scores(model, g, reserved, vocab_size, cfg)
-            q = torch.tensor(g["llm_probs"], device=s.device)
-            agree += int(s.argmax() == q.argmax())
-            slm_agree += int(q.argmax() == 0)
-            tied += int(float(head.max() - head.min()) < TIED)
-            rhos.append(spearman(s, q))
+            scores.append(s.float().cpu())
+            heads.append(head.float().cpu())
     model.train()
-    n = max(len(groups), 1)
-    return {
-        "agree_at_1": agree / n,
-        "slm_top1_agree": slm_agree / n,
-        "spearman": sum(rhos) / n,
-        "tied": tied / n,
-        "n": len(groups),
-    }
+    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
+    return selection_metrics(torch.stack(scores), q, torch.stack(heads), cfg.gate)
 
 
 STATE_JSON, STATE_TENSORS, LEGACY_STATE = "train_state.json", "train_state.safetensors", "train_state.pt"
-RESUME_FREE = ("out", "device", "epochs", "checkpoint_every")  # may change between a run and its resumption
+RESUME_FREE = ("out", "device", "epochs", "checkpoint_every", "gate")  # may change between a run and its resumption
 
 
 def train_identity(cfg: TrainConfig) -> dict:
@@ -237,6 +224,7 @@ def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         "slm": cfg.slm,
         "reserved_ids": list(reserved),
         "prior_weight": cfg.prior_weight,
+        "gate": cfg.gate,
         "config": asdict(cfg),
         "train_groups": len(train),
         "val_groups": len(val),
