@@ -557,3 +557,53 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
         apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out, mode="decoupled")
     with pytest.raises(S2TError, match="learned trigger"):
         export_bundle(out, tmp_path / "missing.json", tmp_path / "bundle")
+
+
+def test_the_kl_to_base_covers_the_prefix_distribution_and_each_candidate():
+    """The prefix's row is what the SLM generates from and the prior in every score: a LoRA that moves it
+    pays for it, as it pays for moving a candidate's row."""
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    ctx, cands = [1, 2, 3, 4, 5], [10, 20, 30, 40]
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="", w_ce=0, w_hinge=0, w_list=0, w_base=1.0, lora_dropout=0.0)
+    model, _ = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    group = {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]}
+    loss, _, _ = group_loss(model, group, pair.reserved_ids, pair.vocab_size, cfg)
+    V = pair.vocab_size
+    with torch.no_grad():
+        new = candidate_logits(model, ctx, cands, with_prefix=True)[:, :V].log_softmax(-1)
+        with model.disable_adapter():
+            old = candidate_logits(model, ctx, cands, with_prefix=True)[:, :V].log_softmax(-1)
+    kl = (new.exp() * (new - old)).sum(-1)
+    assert kl.shape == (1 + len(cands),) and float(kl[0]) > 0
+    assert torch.allclose(loss.detach(), kl.mean(), rtol=1e-4)
+
+
+def test_lora_validates_every_n_groups_and_keeps_the_best_point(collected, tmp_path):
+    out = tmp_path / "sel"
+    cfg = TrainConfig(
+        slm="tiny-slm",
+        groups=str(collected / "groups"),
+        out=str(out),
+        epochs=1,
+        max_groups=12,
+        dtype="fp32",
+        device="cpu",
+        lr=5e-3,
+        head_lr=5e-2,
+        val_every=4,
+    )
+    res = run_train(cfg, progress=False)
+    n_train = json.loads((out / "selector.json").read_text())["train_groups"]
+    seen = [h["groups_seen"] for h in res["history"]]
+    assert seen == [0, *range(4, n_train, 4), n_train]
+    kept = json.loads((out / "best" / "selector.json").read_text())["kept"]
+    assert kept["agree_at_1"] == max(h["agree_at_1"] for h in res["history"])
+    assert (
+        kept["groups_seen"] == next(h for h in res["history"] if h["agree_at_1"] == kept["agree_at_1"])["groups_seen"]
+    )
+    pair = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out / "best")
+    assert pair.selector is not None

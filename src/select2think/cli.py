@@ -431,6 +431,9 @@ def train(
         "(choose it by cross-validation: benchmarks/head_sweep.py --gates)",
     ),
     max_groups: int | None = typer.Option(None),
+    val_every: int = typer.Option(
+        0, help="LoRA: validate on the held-out problems every N training groups (0: each epoch); best -> OUT/best"
+    ),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
     layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
     dtype: str = typer.Option("fp32"),
@@ -455,6 +458,7 @@ def train(
             head_batch=head_batch,
             keep=keep,
             gate=gate,
+            val_every=val_every,
             checkpoint_every=checkpoint_every,
             max_groups=max_groups,
             layout=layout,
@@ -470,8 +474,9 @@ def train(
         )
     for h in history:
         loss = "untrained" if h["train_loss"] is None else f"loss {h['train_loss']:.4f}"
+        at = f"epoch {h['epoch']}" + (f" + {h['step']} groups" if h.get("step") else "")
         console.print(
-            f"epoch {h['epoch']}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
+            f"{at}: {loss}, val Agree@1 {h['agree_at_1']:.1%} (SLM top-1 "
             f"{h['slm_top1_agree']:.1%}), Spearman {h['spearman']:.3f}, tied {h.get('tied', 0):.0%}, "
             f"flips {h.get('flips', 0):.1%} (to the LLM's choice {h.get('flips_right', 0):.1%}, breaking a right "
             f"top-1 {h.get('flips_broke', 0):.1%}) ({h['n']} groups)"
@@ -486,6 +491,12 @@ def train(
             "warning: the head scores most validation groups' candidates alike (untrained, or its "
             "softmax collapsed onto one reserved row); the selector will act like greedy. Train longer "
             "or lower --head-lr."
+        )
+    if "best" in res:
+        best = max(res["history"], key=lambda h: h["agree_at_1"])
+        console.print(
+            f"best validation Agree@1 {best['agree_at_1']:.1%} after {best.get('groups_seen', 0)} groups: "
+            f"the selector at {res['best']} (the latest is {out})"
         )
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     max_groups: int | None = None
     seed: int = 0
     checkpoint_every: int = 100  # groups; a killed run resumes from the last checkpoint
+    val_every: int = 0  # LoRA: validate every this many training groups (0: after each epoch); the best is kept
     gate: float = 0.0  # overrule the SLM's top-1 only when the pick leads it by more (decoding.local_scorer.gated_pick)
     layout: str = "tree"
     dtype: str = "fp32"
@@ -64,6 +65,8 @@ class TrainConfig:
             raise S2TError(f"head_batch must be >= 1 group, got {self.head_batch}")
         if not 0.0 <= self.gate < float("inf"):
             raise S2TError(f"gate must be a number >= 0, got {self.gate}")
+        if self.val_every < 0:
+            raise S2TError(f"val_every must be >= 0 groups, got {self.val_every}")
         if self.checkpoint_every < 1:
             raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
 
@@ -156,15 +159,15 @@ def prefix_logp(model, prefix_hidden: torch.Tensor, cands: torch.Tensor, vocab_s
 
 
 def group_scores(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
-    """(scores [K] as decoding picks by, raw candidate logits [K, V_all], head-only scores [K])."""
+    """(scores [K] as decoding picks by, raw logits [1 + K, V_all] (row 0: the prefix's next-token logits,
+    which the candidates came from), head-only scores [K])."""
     cands = group["candidates"]
-    raw = candidate_logits(model, group["context"], cands, cfg.layout, with_prefix=cfg.prior_weight > 0)
-    if cfg.prior_weight > 0:
-        prefix, raw = raw[0], raw[1:]
-        cand_logp = prefix[:vocab_size].log_softmax(-1)[torch.tensor(cands, device=raw.device)].detach()
-    head = score_from_logits(raw, reserved)
-    scores = with_prior(head, cand_logp, cfg.prior_weight) if cfg.prior_weight > 0 else head
-    return scores, raw, head
+    raw = candidate_logits(model, group["context"], cands, cfg.layout, with_prefix=True)
+    head = score_from_logits(raw[1:], reserved)
+    if not cfg.prior_weight:
+        return head, raw, head
+    cand_logp = raw[0, :vocab_size].log_softmax(-1)[torch.tensor(cands, device=raw.device)].detach()
+    return with_prior(head, cand_logp, cfg.prior_weight), raw, head
 
 
 def selection_loss(scores: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -180,15 +183,17 @@ def selection_loss(scores: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConf
 
 
 def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
+    """The selection loss, plus `w_base` x KL(adapted || base) on the text vocabulary at the prefix's position
+    and each candidate's: the prefix's row is the distribution the SLM generates from (coupled mode merges
+    the LoRA) and the prior in every score, so neither may drift while the head learns."""
     scores, raw, _ = group_scores(model, group, reserved, vocab_size, cfg)
     q = torch.tensor(group["llm_probs"], device=scores.device)
     loss = selection_loss(scores[None], q[None], cfg)
     if cfg.w_base > 0:
         text = raw[:, :vocab_size].log_softmax(-1)
         with torch.no_grad(), model.disable_adapter():
-            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout)[
-                :, :vocab_size
-            ].log_softmax(-1)
+            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout, with_prefix=True)
+            base = base[:, :vocab_size].log_softmax(-1)
         loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
     return loss, scores.detach(), q / q.sum()
 

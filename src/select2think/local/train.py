@@ -89,7 +89,9 @@ def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
 
 
 STATE_JSON, STATE_TENSORS, LEGACY_STATE = "train_state.json", "train_state.safetensors", "train_state.pt"
-RESUME_FREE = ("out", "device", "epochs", "checkpoint_every", "gate")  # may change between a run and its resumption
+# may change between a run and its resumption
+RESUME_FREE = ("out", "device", "epochs", "checkpoint_every", "gate", "val_every")
+BEST = "best"  # the selector at the best validation point, beside the run's latest state
 
 
 def train_identity(cfg: TrainConfig) -> dict:
@@ -234,8 +236,18 @@ def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         save_selector(model, rows, reserved, out, {**meta, "history": history})
         save_state(out, opt, {"identity": identity, "epoch": epoch, "step": step, "total": total, "history": history})
 
+    def validate(train_loss: float | None) -> None:
+        """Score the held-out problems; a new best becomes the selector in `out/best`."""
+        metrics = evaluate(model, val, reserved, pair.vocab_size, cfg)
+        history.append({"epoch": epoch, "step": step, "groups_seen": seen(), "train_loss": train_loss, **metrics})
+        if metrics["agree_at_1"] > max((h["agree_at_1"] for h in history[:-1]), default=float("-inf")):
+            save_selector(model, rows, reserved, out / BEST, {**meta, "history": history, "kept": history[-1]})
+
+    def seen() -> int:
+        return epoch * len(train) + step
+
     if not history:  # the untrained head, for reference
-        history.append({"epoch": 0, "train_loss": None, **evaluate(model, val, reserved, pair.vocab_size, cfg)})
+        validate(None)
     t0 = time.perf_counter()
     with Progress(disable=not progress) as bar:
         while epoch < cfg.epochs:
@@ -251,10 +263,12 @@ def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
                 total += loss.item()
                 step += 1
                 bar.advance(task)
+                if cfg.val_every and step % cfg.val_every == 0 and step < len(order):
+                    validate(total / step)
                 if step % cfg.checkpoint_every == 0 and step < len(order):
                     checkpoint()
-            metrics = evaluate(model, val, reserved, pair.vocab_size, cfg)
-            history.append({"epoch": epoch + 1, "train_loss": total / max(len(order), 1), **metrics})
-            epoch, step, total = epoch + 1, 0, 0.0
+            epoch, step = epoch + 1, 0
+            validate(total / max(len(order), 1))
+            total = 0.0
             checkpoint()
-    return {"history": history, "seconds": time.perf_counter() - t0}
+    return {"history": history, "seconds": time.perf_counter() - t0, "best": str(out / BEST)}
