@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from select2think.local.head_only import feature_dir, head_metrics, train_rows
+from select2think.local.head_only import feature_dir, head_metrics, recorded_prior, train_rows
 from select2think.local.objective import TrainConfig, load_groups, split_groups
 
 
@@ -33,7 +33,7 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
         raise SystemExit(
             f"the cache in {feature_dir(cfg)} does not cover these groups: run s2t train --head-only first"
         )
-    return torch.cat([c["hidden"] for c in parts]), torch.cat([c["logp"] for c in parts])
+    return torch.cat([c["hidden"] for c in parts]), recorded_prior(groups)
 
 
 def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:

@@ -520,6 +520,7 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     assert not (out / "adapter_config.json").exists()  # no LoRA: the rows are the whole selector
     meta = json.loads((out / "selector.json").read_text())
     assert meta["head_only"] and meta["best_epoch"] == res["best_epoch"] and len(meta["history"]) == 7
+    assert meta["history"][0]["flips"] == 0  # untrained, with the collection's own prior: exactly greedy
     best = meta["history"][res["best_epoch"]]["agree_at_1"]
     assert best == max(h["agree_at_1"] for h in meta["history"])
     rows = load_file(out / "reserved_rows.safetensors")["weight"]
@@ -537,7 +538,7 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
     assert len(val) == meta["val_groups"]
     assert evaluate(model, val, pair.reserved_ids, pair.vocab_size, cfg(out))["agree_at_1"] == pytest.approx(best)
     # a second run (new learning rate) reuses every cached chunk: no backbone forward at all
-    monkeypatch.setattr(head_mod, "candidate_hidden", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
+    monkeypatch.setattr(head_mod, "computed", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
     again = run_train(cfg(tmp_path / "again", seed=1, keep="last"), progress=False)
     assert again["best_epoch"] == 6  # keep="last": the last epoch's rows, whatever validation says
     with pytest.raises(S2TError, match="keep"):

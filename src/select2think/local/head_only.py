@@ -1,12 +1,13 @@
 """`s2t train --head-only`: the 16 reserved rows alone, fit on cached final hidden states.
 
-With the backbone frozen, a candidate's final hidden state (and the SLM's log-prob of it, the prior)
-never changes during training. So the backbone runs once per group, the results are cached beside the
-groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later runs reuse it),
-and each epoch after that is a few small matrix products: many epochs in seconds instead of a backbone
-forward per group per epoch. Groups collected with `s2t collect --candidate-hidden` (same SLM and dtype)
-bring their candidates' hidden states along (one tree forward per trajectory, `CollectedCandidates`):
-only the others need the per-group forward. Validation runs every epoch and the best epoch's rows are kept (the
+With the backbone frozen, a candidate's final hidden state never changes during training, and the prior
+(the SLM's log-prob of it) is the one the collection's decode recorded (`recorded_prior`). So the
+backbone runs once per problem (one tree forward over its trajectory, `computed`), the results are cached
+beside the groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later
+runs reuse it), and each epoch after that is a few small matrix products: many epochs in seconds
+instead of a backbone forward per group per epoch. Groups collected with `s2t collect
+--candidate-hidden` (same SLM and dtype) bring their candidates' hidden states along
+(`CollectedCandidates`). Validation runs every epoch and the best epoch's rows are kept (the
 untrained rows, i.e. greedy, if no epoch beats them), or with `keep="last"` the last epoch's: choose the
 settings by cross-validation on the training problems (benchmarks/head_sweep.py) and the validation
 score stays an unbiased estimate. The selector has no adapter: its
@@ -139,6 +140,14 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
     return torch.cat(hidden), torch.cat(logp)
 
 
+def recorded_prior(groups: list[dict]) -> torch.Tensor:
+    """The SLM's log-probs [N, K] of each group's candidates as the collection's decode computed them. With
+    the backbone frozen this is the prior decoding adds, from the engine and precision that will decode (a
+    recomputation in another engine or dtype can order near-ties differently, making the untrained
+    selector flip where greedy would not)."""
+    return torch.tensor([g["slm_probs"] for g in groups], dtype=torch.float32).clamp_min(1e-30).log()
+
+
 def head_scores(rows: torch.Tensor, hidden: torch.Tensor, logp: torch.Tensor, prior_weight: float):
     """(scores as decoding picks by, head scores) [N, K]: what local_scorer computes from the same rows."""
     head = reserved_scores(hidden, rows)
@@ -180,7 +189,8 @@ def fit_head_only(
     t0 = time.perf_counter()
     reserved = list(pair.reserved_ids)
     model = pair.slm_module().eval()
-    hidden, logp = group_features(model, groups, pair.vocab_size, cfg, progress)
+    hidden, _ = group_features(model, groups, pair.vocab_size, cfg, progress)
+    logp = recorded_prior(groups)
     q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
     q = q / q.sum(-1, keepdim=True)
     where = {id(g): i for i, g in enumerate(groups)}
