@@ -19,6 +19,7 @@ from select2think.backends.http import RetryPolicy
 from select2think.backends.remote import RemoteConfig, connect
 from select2think.cli import main
 from select2think.decoding.calibrate import step_statistics
+from select2think.io import read_jsonl
 from select2think.models.pair import tokenizer_size
 
 PROMPTS = ["What is 2+2?", "Tell me a long story about a cat and a dog.", "Hi", "Solve x^2 = 9 for x."]
@@ -234,7 +235,7 @@ def test_what_needs_the_llms_logits_refuses_in_one_line(tiny_pair, srv, cfg, msg
 @pytest.mark.parametrize("tokenize", [True, False])
 def test_a_server_with_another_tokenizer_is_refused(tiny_pair, srv, tokenize):
     srv.shift, srv.tokenize = 1, tokenize  # /tokenize, or (without it) the answer's text, gives it away
-    with pytest.raises(S2TError, match="^tokenizers differ: the LLM server at"):
+    with pytest.raises(S2TError, match=r"^tokenizers differ: the LLM server at"):
         remote_pair(tiny_pair, srv.url)
     srv.shift = 0
     assert remote_pair(tiny_pair, srv.url).llm.api.model == "tiny-llm"
@@ -284,3 +285,18 @@ def test_against_vllm():
     same = sum(a == b for r, lo in zip(ids(remote), ids(local), strict=True) for a, b in zip(r, lo, strict=False))
     total = sum(len(r) for r in ids(local))
     print(f"vLLM vs in-process LLM: {same}/{total} tokens agree; {remote.stats.triggers} triggers")
+
+
+def test_eval_with_a_remote_llm_matches_the_in_process_one(tmp_path, srv, entropy_cfg):
+    thr = tmp_path / "entropy.json"
+    thr.write_text(json.dumps({"trigger": "entropy", "threshold": entropy_cfg["threshold"], "slm": "tiny-slm"}))
+    base = ["eval", "--slm", "tiny-slm", "--dataset", "gsm8k", "--limit", "2", "--max-new-tokens", "8", "--k", "4"]
+    base += ["--policy", f"s2t={thr}", "--dtype", "fp32", "--device", "cpu"]
+    assert main([*base, "--llm-url", srv.url, "--llm-model", "tiny-llm", "--out", str(tmp_path / "remote")]) == 0
+    assert main([*base, "--llm", "tiny-llm", "--out", str(tmp_path / "local")]) == 0
+    rows = {w: read_jsonl(tmp_path / w / "results.shard0of1.jsonl") for w in ("remote", "local")}
+    assert [r["text"] for r in rows["remote"]] == [r["text"] for r in rows["local"]]
+    assert sum(r["stats"]["triggers"] for r in rows["remote"]) > 0
+    config = json.loads((tmp_path / "remote" / "config.json").read_text())
+    assert config["identity"]["llm_engine"] == "remote" and "llm_url" not in config["identity"]
+    assert config["models"]["llm"] == {"name": "tiny-llm", "sha256": None, "params": None}

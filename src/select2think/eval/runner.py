@@ -52,9 +52,10 @@ def _threshold_trigger(path) -> str | None:
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`,
-    `s2t-local=SELECTOR_DIR[,entropy.json][,decoupled]` (a selector, an SLM-only trigger's thresholds,
-    by default the learned trigger a bundle ships, and the mode: coupled by default)."""
+    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json` (with the trigger
+    the file was calibrated for), `s2t-local=SELECTOR_DIR[,entropy.json][,decoupled]` (a selector, an
+    SLM-only trigger's thresholds, by default the learned trigger a bundle ships, and the mode: coupled by
+    default)."""
     name, _, file = text.partition("=")
     if name.startswith(("maj@", "pass@")):
         try:
@@ -90,7 +91,8 @@ def parse_policy(text: str) -> PolicySpec:
     if name in ("s2t", "takeover"):
         if not file:
             raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")
-        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file, None, "kl")
+        trigger = _threshold_trigger(file) or "kl"  # the file's trigger (entropy, margin: a remote LLM's)
+        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file, None, trigger)
     return PolicySpec(name, name)
 
 
