@@ -73,10 +73,12 @@ def _wait(policy: RetryPolicy, attempt: int, resp: httpx.Response | None) -> flo
 class JSONClient:
     """GET and POST JSON under one base URL; `requests` counts every request sent (retries included)."""
 
-    def __init__(self, base_url: str, policy: RetryPolicy, transport: httpx.BaseTransport | None = None):
+    def __init__(self, base_url: str, policy: RetryPolicy):
         self.base = check_url(base_url)
         self.policy = policy
-        self.http = httpx.Client(timeout=policy.timeout_s, transport=transport)
+        # a host that drops packets fails fast at connect; answers may take long (a cold prefix on a CPU)
+        timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 10.0))
+        self.http = httpx.Client(timeout=timeout)
         self.requests = 0
         self._lock = threading.Lock()  # `requests` is bumped from the concurrent selection threads
 

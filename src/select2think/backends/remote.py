@@ -7,6 +7,7 @@ row's whole prefix as token ids, max_tokens=1 at temperature 0, restricted to th
 answer names the id. Both restrictions apply to a whole request, and each row has its own candidates, so
 rows asked at the same step go as concurrent requests: one round trip of latency per trigger step.
 No `prompt_logprobs` and no `echo`: vLLM skips its prefix cache for a request that wants prompt log-probs.
+Exact ties (rare in floating point) go by the server's rule (vLLM: the lower id), not to the higher SLM rank.
 
 Costs: `forwards` counts the steps that asked the server (one round trip each), `requests` the HTTP
 requests (one per asked row, retries included), `tokens` / `row_tokens` the prompt tokens the server
@@ -22,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import torch
 
 from ..errors import S2TError
@@ -121,9 +121,11 @@ def check_tokenizer(api: Completions, tokenizer: Any, probe: list[int]) -> int:
             raise
     else:
         theirs = got.get("tokens") if isinstance(got, dict) else None
+        if not isinstance(theirs, list):
+            raise S2TError(f"the LLM server at {api.client.base} answered /tokenize without a list of tokens")
         if theirs != probe:
-            at = next((i for i, (a, b) in enumerate(zip(probe, theirs or [], strict=False)) if a != b), None)
-            where = f"id {probe[at]} vs {theirs[at]} at token {at}" if at is not None and theirs else "lengths differ"
+            at = next((i for i, (a, b) in enumerate(zip(probe, theirs, strict=False)) if a != b), None)
+            where = f"id {probe[at]} vs {theirs[at]} at token {at}" if at is not None else "lengths differ"
             raise S2TError(
                 f"tokenizers differ: the LLM server at {api.client.base} ({api.model}) tokenizes a probe "
                 f"otherwise than the SLM ({where}); S2T needs a shared tokenizer"
@@ -131,7 +133,8 @@ def check_tokenizer(api: Completions, tokenizer: Any, probe: list[int]) -> int:
     top, answer = api.ask(probe, None)
     text = answer["choices"][0].get("text")
     ours = tokenizer.decode([top], skip_special_tokens=True)
-    if isinstance(text, str) and text != ours and "\ufffd" not in ours + text:
+    # stripped: a SentencePiece token's leading space shows only in context; a partial UTF-8 byte proves nothing
+    if isinstance(text, str) and text.strip() != ours.strip() and "\ufffd" not in ours + text:
         raise S2TError(
             f"tokenizers differ: the LLM server at {api.client.base} ({api.model}) writes id {top} as "
             f"{text!r}, the SLM's tokenizer as {ours!r}; S2T needs a shared tokenizer"
@@ -155,11 +158,9 @@ def pick_restriction(api: Completions, probe: list[int], top: int) -> str:
     )
 
 
-def connect(
-    cfg: RemoteConfig, tokenizer: Any, vocab_size: int, transport: httpx.BaseTransport | None = None
-) -> RemoteLLM:
+def connect(cfg: RemoteConfig, tokenizer: Any, vocab_size: int) -> RemoteLLM:
     """Check the server (model served, same tokenizer, a working restriction) and return its backend."""
-    client = JSONClient(cfg.url, cfg.retry, transport)
+    client = JSONClient(cfg.url, cfg.retry)
     try:
         api = Completions(client, served_model(client, cfg.model))
         probe = tokenizer.encode(PROBE, add_special_tokens=False)
