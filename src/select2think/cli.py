@@ -26,6 +26,10 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 DTYPE = typer.Option("bf16", help="bf16 | fp32 | fp16")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
 BACKEND = typer.Option("hf", help="engine: hf (transformers) | llama.cpp (GGUF models, CPU, 3-5x faster here)")
+LLM_URL = typer.Option(
+    None, "--llm-url", help="the LLM on a server: its OpenAI base URL, http://HOST:PORT/v1 (vLLM, `s2t serve`)"
+)
+LLM_MODEL = typer.Option(None, "--llm-model", help="the LLM's name on --llm-url (default: the only model served)")
 
 
 @models_app.command("list")
@@ -69,14 +73,37 @@ def models_fetch(
     console.print(f"{name}: {fetch(name, dtype, force=force)}", markup=False)
 
 
+def _remote_llm(llm: str | None, llm_url: str | None, llm_model: str | None):
+    """(the LLM's name, its server's RemoteConfig or None) from --llm, --llm-url and --llm-model."""
+    if llm_url is None:
+        if llm_model is not None:
+            raise S2TError("--llm-model names a model on the server at --llm-url: pass --llm-url too")
+        return llm, None
+    from .backends.remote import RemoteConfig
+
+    if llm is not None and llm_model is not None and llm != llm_model:
+        raise S2TError(f"--llm {llm!r} and --llm-model {llm_model!r} differ: name the served model once")
+    name = llm_model or llm
+    return name, RemoteConfig(url=llm_url, model=name)
+
+
 @app.command("check-pair")
-def check_pair(slm: str, llm: str, dtype: str = DTYPE, device: str = DEVICE, backend: str = BACKEND):
+def check_pair(
+    slm: str,
+    llm: str = typer.Argument(..., help="the large model (with --llm-url: its name on the server)"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    backend: str = BACKEND,
+    llm_url: str | None = LLM_URL,
+):
     """Load both models and check they can form an S2T pair (exit 2 if not)."""
     from .backends import load_pair
 
-    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=backend)
+    _, remote = _remote_llm(llm, llm_url, None)
+    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=backend, remote=remote)
+    where = f" (served at {llm_url})" if remote else ""
     console.print(
-        f"compatible: {slm} + {llm} share a tokenizer of {pair.vocab_size} ids; "
+        f"compatible: {slm} + {llm}{where} share a tokenizer of {pair.vocab_size} ids; "
         f"output rows {pair.slm.vocab_rows} / {pair.require_llm().vocab_rows}; "
         f"reserved ids for S2T-Local: "
         + (f"{pair.reserved_ids[0]}..{pair.reserved_ids[-1]}" if pair.reserved_ids else "none available")
@@ -128,6 +155,8 @@ def generate(
     dtype: str = DTYPE,
     device: str = DEVICE,
     backend: str = BACKEND,
+    llm_url: str | None = LLM_URL,
+    llm_model: str | None = LLM_MODEL,
 ):
     """Generate an answer with one policy, streaming the text, then print the statistics."""
     from .backends import load_pair
@@ -141,8 +170,9 @@ def generate(
         prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise S2TError("the prompt is not valid UTF-8 text") from None
-    if policy in POLICIES and POLICIES[policy].needs_llm and llm is None:
-        raise S2TError(f"policy {policy!r} needs --llm")
+    llm, remote = _remote_llm(llm, llm_url, llm_model)
+    if policy in POLICIES and POLICIES[policy].needs_llm and llm is None and remote is None:
+        raise S2TError(f"policy {policy!r} needs --llm (or --llm-url)")
     selector: str | Path | None = None
     if policy == "s2t-local":
         from .local.bundle import bundled_trigger, shipped_bundle
@@ -169,9 +199,8 @@ def generate(
         chat_template=not no_chat_template,
         local_mode=local_mode,
     )
-    if cfg.uses_llm and llm is None:
-        raise S2TError(f"policy {policy!r} needs --llm")
-    pair = load_pair(slm, llm if cfg.uses_llm else None, dtype=dtype, device=device, backend=backend)
+    uses = cfg.uses_llm
+    pair = load_pair(slm, llm if uses else None, dtype, device, backend, remote=remote if uses else None)
     if selector is not None:  # s2t-local
         from .local.selector import apply_selector
 
@@ -201,7 +230,8 @@ def generate(
         f"[dim]{result.path}: {st.generated_tokens} tokens, {st.wall_time_s:.1f}s, "
         f"SLM forwards {st.slm_forwards}, LLM forwards {st.llm_forwards} "
         f"({st.llm_forwards_per_token:.3f}/token), LLM tokens {st.llm_tokens}, "
-        f"trigger rate {st.trigger_rate:.1%}, flip rate {st.flip_rate:.1%}"
+        + (f"LLM requests {st.llm_requests}, " if remote is not None else "")
+        + f"trigger rate {st.trigger_rate:.1%}, flip rate {st.flip_rate:.1%}"
         + (f", Hit@{k} {st.hit_at_k:.1%}" if st.hit_at_k is not None else "")
         + "[/dim]"
     )
@@ -285,14 +315,18 @@ def eval_cmd(
     dtype: str = DTYPE,
     device: str = DEVICE,
     backend: str = BACKEND,
+    llm_url: str | None = LLM_URL,
+    llm_model: str | None = LLM_MODEL,
 ):
     """Decode and grade every (item, policy); one JSON line each, resumable, shardable."""
     from .eval.report import write_report
     from .eval.runner import EvalConfig, run_eval
 
+    llm = _remote_llm(llm, llm_url, llm_model)[0]  # checks the three flags agree
     cfg = EvalConfig(
         slm=slm,
         llm=llm,
+        llm_url=llm_url,
         dataset=dataset,
         out=out,
         policies=list(policy),

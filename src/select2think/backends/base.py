@@ -28,13 +28,14 @@ class Capabilities:
     hidden_states: bool = False  # final hidden states (learned trigger, S2T-Local scores)
     sibling_scoring: bool = False  # K candidates at one position in one forward
     adapters: bool = False  # LoRA selectors (transformers + peft only)
+    selection_only: bool = False  # answers only "which of these K ids comes first?" (`select`): a remote LLM
 
 
 class Backend(ABC):
     """One model behind a batched, rollback-able cache. `reset(B)` starts a new batch of B empty rows.
 
     Counters (read by decoding's cost accounting): `forwards` model calls, `tokens` live tokens processed,
-    and per batch row `row_forwards` / `row_tokens`.
+    per batch row `row_forwards` / `row_tokens`, and `requests` HTTP requests (remote engines; retries count).
     """
 
     name: str = "base"
@@ -49,6 +50,7 @@ class Backend(ABC):
         self.last_hidden: torch.Tensor | None = None  # [B, n, H] after extend, [R, K, H] after score_siblings
         self.forwards = 0
         self.tokens = 0
+        self.requests = 0
         self.row_forwards: list[int] = []
         self.row_tokens: list[int] = []
 
@@ -90,6 +92,13 @@ class Backend(ABC):
         by one); every other provisional sibling is dropped."""
         raise S2TError(f"the {self.name} backend cannot score sibling candidates")
 
+    # -- selection (an engine without logits) -------------------------------------------------------
+    def select(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+        """The id [R] among each listed row's candidates cands [R, K] that the model ranks first after the row's
+        tokens, for `selection_only` engines (engines with logits are asked for those instead). A failed call
+        changes no row."""
+        raise S2TError(f"the {self.name} backend answers with logits, not selections")
+
     def hidden(self) -> torch.Tensor:
         """`last_hidden`, which the last forward kept because `want_hidden` was set."""
         if self.last_hidden is None:
@@ -109,6 +118,7 @@ class Backend(ABC):
     def _reset_counters(self, batch_size: int) -> None:
         self.forwards = 0
         self.tokens = 0
+        self.requests = 0
         self.row_forwards = [0] * batch_size
         self.row_tokens = [0] * batch_size
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import S2TError
 from ..models.chat import eos_ids
@@ -10,6 +11,9 @@ from ..models.pair import check_tokenizers, pick_reserved_ids, tokenizer_size
 from ..models.registry import REGISTRY, ModelSource, resolve
 from .base import Backend
 from .pair import ModelPair
+
+if TYPE_CHECKING:  # the remote engine (and httpx) load only when a pair has a remote LLM
+    from .remote import RemoteConfig
 
 ENGINES = ("hf", "llama.cpp")
 GGUF_KINDS = ("chunks", "wheel-gguf", "gguf", "tiny")
@@ -62,18 +66,29 @@ def load_backend(
 
 
 def load_pair(
-    slm: str, llm: str | None = None, dtype: str = "bf16", device: str = "auto", backend: str = "hf"
+    slm: str,
+    llm: str | None = None,
+    dtype: str = "bf16",
+    device: str = "auto",
+    backend: str = "hf",
+    remote: RemoteConfig | None = None,
 ) -> ModelPair:
-    """Load and check an SLM/LLM pair (the LLM is optional: greedy and S2T-Local need none)."""
+    """Load and check an SLM/LLM pair (the LLM is optional: greedy and S2T-Local need none). With `remote`
+    the LLM is a server's (backends/remote.py), named by `remote.model`, else by `llm`, else the only one served."""
     slm_b, slm_tok, slm_src, eos = load_backend(slm, backend, dtype, device)
-    llm_b = None
+    llm_b: Backend | None = None
     sources = {"slm": slm_src}
-    if llm is not None:
+    size = tokenizer_size(slm_tok)
+    if remote is not None:
+        from .remote import connect
+
+        server = connect(replace(remote, model=remote.model or llm), slm_tok, size)
+        llm_b, llm = server, server.api.model
+    elif llm is not None:
         llm_b, llm_tok, llm_src, llm_eos = load_backend(llm, backend, dtype, device)
         sources["llm"] = llm_src
         eos = eos + llm_eos
         check_tokenizers(slm, slm_tok, llm, llm_tok)
-    size = tokenizer_size(slm_tok)
     for role, b in (("SLM", slm_b), ("LLM", llm_b)):
         if b is not None and b.vocab_rows < size:
             raise S2TError(f"{role} has {b.vocab_rows} output rows, fewer than the tokenizer's {size} ids")

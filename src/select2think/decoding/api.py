@@ -65,6 +65,20 @@ def local_head(pair: ModelPair, cfg: DecodeConfig) -> ReservedHead:
     return ReservedHead(output_rows(pair.reserved_ids), 0.0, cfg.k)
 
 
+def check_llm_engine(pair: ModelPair, cfg: DecodeConfig, policy: Policy, path: str) -> None:
+    """One line when the LLM's engine cannot serve this run. A selection-only LLM (a remote server) answers
+    only "which of these candidates comes first?": enough for s2t with an SLM-only trigger on the lazy path."""
+    llm = pair.llm
+    if not cfg.uses_llm or llm is None or llm.capabilities.full_logits:
+        return
+    what = "the llm policy (the LLM decoding alone)" if cfg.info.path == "llm-alone" else policy.full_llm_use(path)
+    if what is not None:
+        raise S2TError(
+            f"{what} needs the LLM's full distribution, which the {llm.name} backend lacks (it only selects): "
+            "use policy s2t with an SLM-only trigger (entropy, margin, random, always) and the fast path"
+        )
+
+
 def _decode(
     pair: ModelPair, cfg: DecodeConfig, path: str, batch: Batch, head: ReservedHead | None
 ) -> tuple[list[RowState], DecodeStats]:
@@ -118,6 +132,7 @@ def generate(
     eos = set(pair.eos_ids) | set(cfg.extra_eos)
     pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else min(eos)
     path = path_for(cfg, policy)
+    check_llm_engine(pair, cfg, policy, path)
     vocab = Vocab.of(pair)
 
     def make_row() -> RowState:

@@ -62,7 +62,7 @@ def step_statistics(
     """Per-step trigger statistic along greedy SLM trajectories (warm-up steps excluded)."""
     trigger = make_trigger(trigger_name, reverse_kl)
     if trigger.needs_llm:
-        pair.require_llm()
+        pair.require_llm().require("full_logits", f"calibrating the {trigger_name} trigger")
     prompt_ids = encode_prompts(pair.tokenizer, prompts, chat_template)
     greedy = generate(
         pair,

@@ -4,7 +4,8 @@
   chooser, the LLM scores the whole block in one forward, the first position where the policy's
   choice differs from the draft is resolved and both caches roll back past it.
 - `decode_lazy` (SLM-only triggers): the LLM's cache lags behind and catches up in one multi-token
-  forward only when a trigger fires.
+  forward only when a trigger fires; a selection-only LLM (a remote server) is instead asked for its
+  choice among the fired rows' candidates.
 Both start the LLM lazily: its prompt prefill rides along with its first forward.
 Both hand each committed step to the batch's recorder if it has one (decoding.record).
 """
@@ -18,7 +19,7 @@ import torch
 from ..backends.base import Backend
 from .lagging import LaggingCache
 from .record import Steps
-from .state import Batch, DecodeStats, RowState, active_view, commit_step, totals
+from .state import Batch, DecodeStats, RowState, StepView, active_view, commit_step, totals
 
 
 def _retire(finished: list[int], slm: Backend, llm: LaggingCache) -> None:
@@ -139,21 +140,28 @@ def decode_draft_verify(
     return rows, totals(rows, t0, slm=[slm], llm=[llm_backend])
 
 
+def _ask_llm(llm: LaggingCache, batch: Batch, view: StepView, fired: torch.Tensor):
+    """At a trigger: the LLM's log-probs [N, V] at every active row (one catch-up forward), or from a
+    selection-only LLM just its choices [F] among the fired rows' candidates (one request per fired row)."""
+    if llm.backend.capabilities.selection_only:
+        idx = fired.nonzero().squeeze(-1)
+        cands = batch.policy.selector.llm_candidates(view.slm_logp[idx])
+        return None, llm.select([view.active[j] for j in idx.tolist()], cands)
+    l_raw, _ = llm.forward([[] for _ in range(len(batch.prompts))])
+    return batch.vocab.logprobs(torch.stack([l_raw[r][-1] for r in view.active])), None
+
+
 def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[RowState], DecodeStats]:
     t0 = time.perf_counter()
     policy = batch.policy
-    B = len(batch.prompts)
     rows, s_logits = batch.start(slm)
     hidden = batch.start_hidden(slm)
     llm = LaggingCache(llm_backend, batch.prompts, batch.pad_id)
     while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
         s_lp = view.slm_logp
         fired, stat = policy.fire(s_lp, None, view.steps, view.keys)
-        l_lp = None
-        if fired.any():
-            l_raw, _ = llm.forward([[] for _ in range(B)])
-            l_lp = batch.vocab.logprobs(torch.stack([l_raw[r][-1] for r in view.active]))
-        tokens = policy.choose(s_lp, l_lp, fired, view.keys)
+        l_lp, picks = _ask_llm(llm, batch, view, fired) if fired.any() else (None, None)
+        tokens = policy.choose(s_lp, l_lp, fired, view.keys, picks)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
         if batch.recorder is not None:
             h = hidden[view.idx] if hidden is not None else None

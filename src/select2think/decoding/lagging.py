@@ -85,6 +85,12 @@ class LaggingCache:
             self.next_raw[r] = None
         self.backend.extend(ids, live, logits=False)
 
+    def select(self, rows: list[int], cands: torch.Tensor) -> torch.Tensor:
+        """A selection-only model's choice [R] among cands [R, K] after the listed rows' tokens (pending
+        ones handed over first: they are committed tokens, so a failed request leaves them right)."""
+        self.sync(rows)
+        return self.backend.select(rows, cands)
+
     def rollback(self, row: int, length: int, token: int) -> None:
         """Keep the row's first `length` cached tokens; `token` becomes pending."""
         self.backend.truncate(row, length)

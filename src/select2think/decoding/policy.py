@@ -49,13 +49,29 @@ class Policy:
         stat = self.trigger.statistic(slm_logp, llm_logp, keys, hidden=hidden if self.trigger.needs_hidden else None)
         return (stat > self.threshold) & (steps >= self.warmup), stat
 
-    def choose(self, slm_logp, llm_logp, fired: torch.Tensor, keys) -> torch.Tensor:
+    def choose(self, slm_logp, llm_logp, fired: torch.Tensor, keys, picks: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [N]: the selector's where `fired`, else the base chooser's. `picks` [F]: the choices a
+        selection-only LLM already made at the fired rows (in place of reading `llm_logp`)."""
         tokens = self.base.select(slm_logp, None, keys)
         if fired.any() and self.selector is not self.base:
             idx = fired.nonzero().squeeze(-1)
             tokens = tokens.clone()
-            tokens[idx] = self.selector.select(slm_logp[idx], llm_logp[idx], [keys[i] for i in idx.tolist()])
+            if picks is not None:
+                tokens[idx] = picks.to(tokens.device)
+            else:
+                tokens[idx] = self.selector.select(slm_logp[idx], llm_logp[idx], [keys[i] for i in idx.tolist()])
         return tokens
+
+    def full_llm_use(self, path: str) -> str | None:
+        """What in this policy on execution `path` reads the LLM's logits rather than only its choice among
+        the selector's candidates (None: nothing, so a selection-only LLM serves it)."""
+        if self.trigger.needs_llm:
+            return f"the {self.trigger.name} trigger"
+        if self.selector.needs_llm and not self.selector.among_candidates:
+            return f"the {self.selector.name} selector"
+        if path != "lazy-llm":
+            return "the reference loop (fast=False)"
+        return None
 
     def hits(self, slm_logp, llm_logp) -> torch.Tensor:
         """Whether the LLM's full argmax is in the SLM's top-K, per row."""

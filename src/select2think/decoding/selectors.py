@@ -12,8 +12,13 @@ from ..errors import S2TError
 class Selector:
     name = "base"
     needs_llm = False
+    among_candidates = False  # picks the LLM's favourite of `llm_candidates`: a selection-only LLM can answer it
 
     def select(self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def llm_candidates(self, slm_logp: torch.Tensor) -> torch.Tensor:
+        """The ids [N, K] the LLM chooses among (selectors with `among_candidates`)."""
         raise NotImplementedError
 
 
@@ -29,12 +34,16 @@ class LLMRestrictedArgmax(Selector):
 
     name = "s2t"
     needs_llm = True
+    among_candidates = True
 
     def __init__(self, k: int = 8):
         self.k = k
 
+    def llm_candidates(self, slm_logp):
+        return slm_logp.topk(self.k, dim=-1).indices  # [N, K] in SLM rank order
+
     def select(self, slm_logp, llm_logp=None, keys=None):
-        cand = slm_logp.topk(self.k, dim=-1).indices  # [N, K] in SLM rank order
+        cand = self.llm_candidates(slm_logp)
         best = llm_logp.gather(-1, cand).argmax(-1)  # first maximum = higher SLM rank
         return cand.gather(-1, best[:, None]).squeeze(-1)
 

@@ -46,6 +46,7 @@ class DecodeStats:
     llm_forwards: int = 0
     slm_tokens: int = 0
     llm_tokens: int = 0  # live tokens the LLM processed, prompts included
+    llm_requests: int = 0  # HTTP requests to a remote LLM (retries included; backends/remote.py)
     generated_tokens: int = 0
     triggers: int = 0
     flips: int = 0
@@ -151,6 +152,7 @@ def totals(rows: list[RowState], t0: float, slm: Sequence[Backend] = (), llm: Se
         for b in backends:
             setattr(stats, f"{role}_forwards", getattr(stats, f"{role}_forwards") + b.forwards)
             setattr(stats, f"{role}_tokens", getattr(stats, f"{role}_tokens") + b.tokens)
+            stats.llm_requests += b.requests if role == "llm" else 0
             for i, r in enumerate(rows):
                 setattr(r.gen, f"{role}_forwards", getattr(r.gen, f"{role}_forwards") + b.row_forwards[i])
                 setattr(r.gen, f"{role}_tokens", getattr(r.gen, f"{role}_tokens") + b.row_tokens[i])

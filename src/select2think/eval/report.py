@@ -64,7 +64,7 @@ def build_report(run_dir: str | Path) -> dict:
         raise S2TError(f"{run} is not an eval run directory (no config.json)")
     cfg = read_json(cfg_path, "run config")
     models = cfg.get("models", {})
-    llm_cost = (models["llm"]["params"] / models["slm"]["params"]) if "llm" in models else None
+    llm_cost = (models["llm"]["params"] / models["slm"]["params"]) if models.get("llm", {}).get("params") else None
     rows: dict[tuple[str, str], dict] = {}
     for path in sorted(run.glob("results.shard*.jsonl")):
         for r in read_jsonl(path):

@@ -52,9 +52,10 @@ def _threshold_trigger(path) -> str | None:
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json`,
-    `s2t-local=SELECTOR_DIR[,entropy.json][,decoupled]` (a selector, an SLM-only trigger's thresholds,
-    by default the learned trigger a bundle ships, and the mode: coupled by default)."""
+    """`greedy`, `llm`, `sample`, `maj@8`, `pass@8`, `s2t=kl99.json`, `takeover=kl99.json` (with the trigger
+    the file was calibrated for), `s2t-local=SELECTOR_DIR[,entropy.json][,decoupled]` (a selector, an
+    SLM-only trigger's thresholds, by default the learned trigger a bundle ships, and the mode: coupled by
+    default)."""
     name, _, file = text.partition("=")
     if name.startswith(("maj@", "pass@")):
         try:
@@ -90,7 +91,8 @@ def parse_policy(text: str) -> PolicySpec:
     if name in ("s2t", "takeover"):
         if not file:
             raise S2TError(f"policy {name} needs a threshold file: --policy {name}=FILE (from `s2t calibrate`)")
-        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file, None, "kl")
+        trigger = _threshold_trigger(file) or "kl"  # the file's trigger (entropy, margin: a remote LLM's)
+        return PolicySpec(f"{name}[{Path(file).stem}]", name, 1, file, None, trigger)
     return PolicySpec(name, name)
 
 
@@ -113,6 +115,7 @@ class EvalConfig:
     device: str = "auto"
     backend: str = "hf"  # hf | llama.cpp: recorded with the run (results differ in rounding between engines)
     batch_size: int = 8  # rows decoded together (maj@k puts k rows per item)
+    llm_url: str | None = None  # the LLM on a server (backends/remote.py); `llm` is then its served name
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -140,7 +143,15 @@ class EvalConfig:
         d.pop("device")
         d.pop("batch_size")
         d.pop("policies")
+        if d.pop("llm_url"):  # shards may reach the same server by other addresses; its engine is what matters
+            d["llm_engine"] = "remote"
         return d
+
+    def remote(self):
+        """The LLM's server, or None when the LLM runs in this process."""
+        from ..backends.remote import RemoteConfig
+
+        return RemoteConfig(url=self.llm_url, model=self.llm) if self.llm_url else None
 
 
 def item_seed(run_seed: int, item_id: str) -> int:
@@ -253,9 +264,9 @@ def _write_config(cfg: EvalConfig, out: Path, pair, specs) -> None:
             continue
         src = pair.sources.get(role)
         meta["models"][role] = {
-            "name": getattr(src, "name", ""),
+            "name": getattr(src, "name", "") or (pair.llm_name if role == "llm" else pair.slm_name),
             "sha256": getattr(src, "sha256", None),
-            "params": model.n_params,
+            "params": model.n_params or None,  # None: a remote LLM, whose size the server does not say
         }
     write_json(path, meta)
 
@@ -344,8 +355,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         raise S2TError("the same policy is listed twice")
     shard_i, shard_n = cfg.shard_index()
     needs_llm = any(POLICIES[s.policy].needs_llm for s in specs)
-    if needs_llm and not cfg.llm:
-        raise S2TError("these policies need --llm")
+    if needs_llm and not cfg.llm and not cfg.llm_url:
+        raise S2TError("these policies need --llm (or --llm-url)")
     for s in specs:
         check_inputs(s)
     thresholds = {
@@ -366,9 +377,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         check_stale(rows, keys, specs, results)
         done = {(r["item"], r["policy"]) for r in rows}
         todo = [(it, s) for it in items for s in specs if (it.id, s.label) not in done]
-        pair = load_pair(
-            cfg.slm, cfg.llm if needs_llm else None, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend
-        )
+        llm, remote = (cfg.llm, cfg.remote()) if needs_llm else (None, None)
+        pair = load_pair(cfg.slm, llm, dtype=cfg.dtype, device=cfg.device, backend=cfg.backend, remote=remote)
         _write_config(cfg, out, pair, specs)
         warn_long_prompts(pair, [it for it, _ in todo], cfg.max_new_tokens)
         pairs = {s.label: pair for s in specs}
