@@ -28,6 +28,7 @@ class Capabilities:
     hidden_states: bool = False  # final hidden states (learned trigger, S2T-Local scores)
     sibling_scoring: bool = False  # K candidates at one position in one forward
     adapters: bool = False  # LoRA selectors (transformers + peft only)
+    admission: bool = False  # `admit`: a row starts over mid-batch (continuous batching)
 
 
 class Backend(ABC):
@@ -77,6 +78,12 @@ class Backend(ABC):
     @abstractmethod
     def retire(self, rows: Sequence[int]) -> None:
         """Finished rows leave the batch; later calls skip them (no-op for rows already gone)."""
+
+    def admit(self, row: int) -> None:
+        """Row `row` (retired or not) starts over as an empty row while the other rows keep their caches, and
+        its counters restart: continuous batching prefills a newcomer there with an extend in which only it is
+        live. Engines without `capabilities.admission` decode fixed batches only."""
+        raise S2TError(f"the {self.name} backend cannot admit a row mid-batch (continuous batching)")
 
     # -- siblings (S2T-Local) -----------------------------------------------------------------------
     def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
