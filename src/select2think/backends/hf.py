@@ -39,6 +39,7 @@ class AdapterOff:
 
 class HFBackend(Backend):
     name = "hf"
+    repack_slack = 64  # dead slots tolerated beyond twice the longest row before `admit` re-packs
     capabilities = Capabilities(
         full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True, admission=True
     )
@@ -162,7 +163,7 @@ class HFBackend(Backend):
             self.rows.append(row)
         self.row_forwards[row] = self.row_tokens[row] = 0
         self._compact_tail()
-        if self.num_slots > 2 * int(self.lengths.max()) + 64:
+        if self.num_slots > 2 * int(self.lengths.max()) + self.repack_slack:
             self._repack()
 
     def _repack(self) -> None:
