@@ -53,6 +53,16 @@ class DecodeStats:
     hit_checked: int = 0
     wall_time_s: float = 0.0
 
+    @classmethod
+    def of_rows(cls, gens: Sequence[Generation], wall_time_s: float = 0.0) -> DecodeStats:
+        """Some rows' own counters summed (their forwards are the model calls they took part in)."""
+        shared = {f.name for f in fields(Generation)}
+        stats = cls(generated_tokens=sum(len(g.token_ids) for g in gens), wall_time_s=wall_time_s)
+        for f in fields(cls):
+            if f.name in shared:
+                setattr(stats, f.name, sum(getattr(g, f.name) for g in gens))
+        return stats
+
     def __add__(self, other: DecodeStats) -> DecodeStats:
         return DecodeStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
@@ -87,7 +97,8 @@ class RowState:
     """Commits tokens for one row and decides when it is finished.
 
     `bias` [V] is added to the proposer's text logits of this row at every step (allowed ids, logit bias);
-    with `top_n` the rows decoded step by step keep each chosen token's log-prob and the top-n (`logprobs`).
+    with `top_n` (0 or more) the rows decoded step by step keep each chosen token's log-prob and the top-n
+    (`logprobs`).
     `cancelled` may be set from any thread (its client left): the row then finishes at its next commit."""
 
     def __init__(
@@ -98,7 +109,7 @@ class RowState:
         max_new_tokens: int,
         on_commit=None,
         bias: torch.Tensor | None = None,
-        top_n: int = 0,
+        top_n: int | None = None,
     ):
         self.gen = Generation()
         self.tokenizer, self.eos_ids, self.stop, self.max_new = tokenizer, eos_ids, stop, max_new_tokens
@@ -147,7 +158,7 @@ class RowState:
 
     def keep_logprobs(self, logp: torch.Tensor, token: int) -> None:
         """Before committing `token`: its log-prob and the top-n of the step's log-probs [V]."""
-        top = logp.topk(self.top_n)
+        top = logp.topk(self.top_n or 0)
         self.logprobs.append((float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
 
     def _text(self) -> str:
@@ -193,13 +204,9 @@ def totals(rows: list[RowState], t0: float, slm: Sequence[Backend] = (), llm: Se
             setattr(stats, f"{role}_tokens", getattr(stats, f"{role}_tokens") + b.tokens)
     for i, r in enumerate(rows):
         charge(r, i, slm, llm)
-    for r in rows:
-        g = r.gen
-        stats.generated_tokens += len(g.token_ids)
-        stats.triggers += g.triggers
-        stats.flips += g.flips
-        stats.hits += g.hits
-        stats.hit_checked += g.hit_checked
+    own = DecodeStats.of_rows([r.gen for r in rows])
+    for name in ("generated_tokens", "triggers", "flips", "hits", "hit_checked"):
+        setattr(stats, name, getattr(own, name))
     stats.wall_time_s = time.perf_counter() - t0
     return stats
 
@@ -243,7 +250,7 @@ def commit_step(rows: list[RowState], view: StepView, tokens, fired, flips, hits
         f = bool(fired[j])
         hit = bool(hits[j]) if (f and hits is not None) else None
         t = int(tokens[j])
-        if rows[r].top_n:
+        if rows[r].top_n is not None:
             rows[r].keep_logprobs(view.slm_logp[j], t)
         if not rows[r].commit(t, f, bool(flips[j]), hit):
             feed[r, 0], live[r, 0] = t, True
