@@ -106,7 +106,7 @@ def test_an_admitted_row_starts_over_and_the_others_are_unchanged(engine, retire
     ref = make(name)
     assert close(got[1, 0], last_logits(ref, new), name)
     for r, t in enumerate([5, 6, 7]):
-        seq = new + [t] if r == 1 else PROMPTS[r] + [t]
+        seq = [*new, t] if r == 1 else PROMPTS[r] + [t]
         assert close(step[r, 0], last_logits(ref, seq), name)
     if name == "hf":
         del b.repack_slack

@@ -44,8 +44,15 @@ def continuous(pair, cfg, prompts, at, capacity):
     script = Script(dec, ids[1:], at)
     rows = [dec.row()] + [dec.row().free() for _ in range(capacity - 1)]
     script.rows[id(rows[0])] = -1
-    batch = Batch([ids[0]] + [[] for _ in range(capacity - 1)], dec.vocab, dec.policy, rows, [0] * capacity,
-                  dec.pad_id, arrivals=script)
+    batch = Batch(
+        [ids[0]] + [[] for _ in range(capacity - 1)],
+        dec.vocab,
+        dec.policy,
+        rows,
+        [0] * capacity,
+        dec.pad_id,
+        arrivals=script,
+    )
     rows, _ = dec.run(batch)
     for row in rows:
         if not row.vacant:

@@ -73,7 +73,11 @@ def test_models_health_and_a_completion_equal_generate(server, tiny_pair):
     assert [m.id for m in c.models.list().data] == ["s2t"]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     out = c.completions.create(
-        model="s2t", prompt=PROMPTS[:3], max_tokens=12, temperature=0, logprobs=1,
+        model="s2t",
+        prompt=PROMPTS[:3],
+        max_tokens=12,
+        temperature=0,
+        logprobs=1,
         extra_body={"return_tokens_as_token_ids": True},
     )
     for i, choice in enumerate(out.choices):
@@ -110,8 +114,11 @@ def test_stop_strings_cut_streamed_and_whole_text_alike(server, tiny_pair):
     full = alone(tiny_pair, PROMPTS[1], max_new_tokens=30).text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     whole = c.completions.create(model="s2t", prompt=PROMPTS[1], max_tokens=30, stop=[stop]).choices[0]
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
-        model="s2t", prompt=PROMPTS[1], max_tokens=30, stop=[stop], stream=True) if ch.choices)
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(model="s2t", prompt=PROMPTS[1], max_tokens=30, stop=[stop], stream=True)
+        if ch.choices
+    )
     assert whole.finish_reason == "stop" and whole.text == full[: full.index(stop)] == streamed
 
 
@@ -134,9 +141,11 @@ def test_concurrent_requests_share_the_batch_and_all_come_back_right(server, tin
 
     def ask(i):
         p, n, is_s2t = jobs[i]
-        got[i] = c.completions.create(
-            model="s2t", prompt=p, max_tokens=n, extra_body=s2t if is_s2t else None
-        ).choices[0].text
+        got[i] = (
+            c.completions.create(model="s2t", prompt=p, max_tokens=n, extra_body=s2t if is_s2t else None)
+            .choices[0]
+            .text
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
     for t in threads:
@@ -155,8 +164,9 @@ def test_a_request_joining_mid_decode_gets_its_solo_tokens(server, tiny_pair):
     pieces = []
     it = iter(stream)
     pieces.append(next(it).choices[0].text)  # the long request is decoding
-    late = c.completions.create(model="s2t", prompt="Hi", max_tokens=10, logprobs=0,
-                                extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    late = c.completions.create(
+        model="s2t", prompt="Hi", max_tokens=10, logprobs=0, extra_body={"return_tokens_as_token_ids": True}
+    ).choices[0]
     still_running = service.worker.active() > 0
     pieces.extend(ch.choices[0].text for ch in it if ch.choices)
     assert still_running  # the late request finished while the long one was mid-decode
@@ -215,9 +225,10 @@ def test_metrics_count_requests_tokens_and_llm_calls(server, entropy_threshold):
     def value(text, name):
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
-    assert value(after, 's2t_requests_total{endpoint="/v1/completions",status="200"}') == value(
-        before, 's2t_requests_total{endpoint="/v1/completions",status="200"}'
-    ) + 1
+    assert (
+        value(after, 's2t_requests_total{endpoint="/v1/completions",status="200"}')
+        == value(before, 's2t_requests_total{endpoint="/v1/completions",status="200"}') + 1
+    )
     assert value(after, "s2t_generated_tokens_total") == value(before, "s2t_generated_tokens_total") + 24
     assert value(after, "s2t_triggers_total") > value(before, "s2t_triggers_total")
     assert value(after, "s2t_llm_forwards_total") > value(before, "s2t_llm_forwards_total")
@@ -229,8 +240,11 @@ def test_queue_full_is_429_and_the_queued_request_still_completes():
     with serving(max_batch=1, max_queue=1) as (url, service):
         service.worker.pause()
         first: dict = {}
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(
-            f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)))
+        t = threading.Thread(
+            target=lambda: first.update(
+                r=httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+            )
+        )
         t.start()
         while service.worker.queued() == 0:
             time.sleep(0.01)
@@ -245,8 +259,9 @@ def test_queue_full_is_429_and_the_queued_request_still_completes():
 
 def test_a_cancelled_stream_frees_its_row(tiny_pair):
     with serving(max_batch=1) as (url, service):
-        with httpx.stream("POST", f"{url}/v1/completions",
-                          json={"prompt": "Hi", "max_tokens": 4000, "stream": True}, timeout=60) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4000, "stream": True}, timeout=60
+        ) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
         # the only row was taken by the stream: the next request gets it only once the stream's row is freed
@@ -286,7 +301,7 @@ def llm_logprobs(pair, ids):
     from select2think.decoding.teacher import step_logprobs
     from select2think.decoding.vocab import Vocab
 
-    return step_logprobs(pair.llm.spawn(), ids[:1], ids[1:] + [0], Vocab.of(pair))[0]
+    return step_logprobs(pair.llm.spawn(), ids[:1], [*ids[1:], 0], Vocab.of(pair))[0]
 
 
 def test_remote_llm_contract_restricted_argmax_logprobs_and_prompt_logprobs(tiny_pair):
@@ -296,7 +311,11 @@ def test_remote_llm_contract_restricted_argmax_logprobs_and_prompt_logprobs(tiny
     restricted = lp[-1][allowed]
     with serving(policy="llm") as (url, _):
         out = client(url).completions.create(
-            model="s2t", prompt=[prompt, prompt[:4]], max_tokens=1, temperature=0, logprobs=3,
+            model="s2t",
+            prompt=[prompt, prompt[:4]],
+            max_tokens=1,
+            temperature=0,
+            logprobs=3,
             extra_body={"allowed_token_ids": allowed, "return_tokens_as_token_ids": True, "prompt_logprobs": 2},
         )
         first = out.choices[0]

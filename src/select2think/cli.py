@@ -244,12 +244,16 @@ def serve(
     temperature: float = typer.Option(0.7, help="policy sample's temperature when a request gives none"),
     top_p: float = typer.Option(0.95),
     seed: int = typer.Option(0),
-    adapter: str | None = typer.Option(None, help="S2T-Local selector or bundle (default for s2t-local: the shipped one)"),
+    adapter: str | None = typer.Option(
+        None, help="S2T-Local selector or bundle (default for s2t-local: the shipped one)"
+    ),
     local_mode: str = typer.Option("coupled", help="s2t-local: coupled | decoupled"),
     reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast paths"),
     dtype: str = DTYPE,
     device: str = DEVICE,
-    backend: str = typer.Option("hf", help="engine: hf | llama.cpp | auto (llama.cpp when installed and every model has a GGUF)"),
+    backend: str = typer.Option(
+        "hf", help="engine: hf | llama.cpp | auto (llama.cpp when installed and every model has a GGUF)"
+    ),
 ):
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .backends import load_pair

@@ -153,7 +153,8 @@ class HFBackend(Backend):
             self.slot_mask[j] = False
             self.lengths[j] = 0
         else:
-            for layer in self.cache.layers:
+            layers: list[Any] = list(self.cache.layers)  # attention layers: keys/values [B, heads, T, d]
+            for layer in layers:
                 keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
                 if keys is not None and values is not None and keys.dim() == 4:
                     layer.keys = torch.cat([keys, keys.new_zeros(1, *keys.shape[1:])])
@@ -176,7 +177,8 @@ class HFBackend(Backend):
             live = self.slot_mask[j].nonzero().flatten()
             src[j, width - len(live) :] = live
             mask[j, width - len(live) :] = True
-        for layer in self.cache.layers:
+        layers: list[Any] = list(self.cache.layers)
+        for layer in layers:
             for name in ("keys", "values"):
                 x = getattr(layer, name, None)
                 if x is not None and x.dim() == 4:

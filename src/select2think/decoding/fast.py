@@ -110,8 +110,8 @@ def decode_draft_verify(
         if any(p is not None for p in slm_pending):
             feed = torch.tensor([[p if p is not None else batch.pad_id] for p in slm_pending])
             live = torch.tensor([[p is not None] for p in slm_pending])
-            new = batch.next_logits(slm, feed, live)
-            s_logits = torch.where(live.to(new.device), new, s_logits)
+            got = batch.next_logits(slm, feed, live)
+            s_logits = torch.where(live.to(got.device), got, s_logits)
             hidden = batch.next_hidden(slm, live, hidden)
             slm_pending = [None] * B
         # 2. draft

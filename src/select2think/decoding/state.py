@@ -4,7 +4,7 @@ stopping rules and the statistics every generation reports."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -227,7 +227,8 @@ def shaped(rows: list[RowState], which: list[int], logits: torch.Tensor) -> torc
     if all(rows[r].bias is None for r in which):
         return logits
     zero = logits.new_zeros(logits.shape[-1])
-    return logits + torch.stack([zero if rows[r].bias is None else rows[r].bias.to(logits) for r in which])
+    biases = [rows[r].bias for r in which]
+    return logits + torch.stack([zero if b is None else b.to(logits) for b in biases])
 
 
 def active_view(rows: list[RowState], s_logits: torch.Tensor, row_seeds) -> StepView | None:

@@ -291,7 +291,9 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
         tokens = render.Tokens(pair.tokenizer, body.return_tokens_as_token_ids)
 
         def choice(i: int, done: Any) -> dict:
-            return render.completion_choice(i, done, tokens, body.logprobs is not None, body.prompt_logprobs is not None)
+            return render.completion_choice(
+                i, done, tokens, body.logprobs is not None, body.prompt_logprobs is not None
+            )
 
         def chunk(i: int, text: str, token: int | None, entry: Any, finish: str | None) -> dict:
             lp = tokens.completion([token], [entry]) if entry is not None and token is not None else None

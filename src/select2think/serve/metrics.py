@@ -14,7 +14,9 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 class Metrics:
     def __init__(self, queued: Callable[[], int], running: Callable[[], int]):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("s2t_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "s2t_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("s2t_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter("s2t_generated_tokens", "Tokens generated for finished requests", registry=r)
         self.triggers = Counter("s2t_triggers", "Steps where the trigger fired", registry=r)
@@ -24,7 +26,11 @@ class Metrics:
         self.llm_forwards = Counter("s2t_llm_forwards", "LLM model calls (one call serves a batch)", registry=r)
         self.llm_tokens = Counter("s2t_llm_tokens", "Tokens the LLM processed", registry=r)
         self.latency = Histogram(
-            "s2t_request_latency_seconds", "Time from request to last token", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+            "s2t_request_latency_seconds",
+            "Time from request to last token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         Gauge("s2t_queued_rows", "Prompts waiting for a row of the batch", registry=r).set_function(queued)
         Gauge("s2t_running_rows", "Rows decoding now", registry=r).set_function(running)
