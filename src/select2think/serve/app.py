@@ -62,6 +62,9 @@ from .settings import Resolver, ServeConfig, single_model
 from .worker import Job, QueueFull, RowOptions, Worker
 
 
+MAX_DECODERS = 64  # configurations kept ready (a queued job holds its own, so forgetting one is safe)
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -92,6 +95,8 @@ class Service:
         """One Decoder per batch configuration; rows of a batch may differ only in RowOptions."""
         key = repr(replace(cfg, max_new_tokens=1, stop=(), chat_template=True)) + f"/{id(learned)}"
         if key not in self.decoders:
+            if len(self.decoders) >= MAX_DECODERS:  # requests may vary thresholds freely: forget the oldest
+                self.decoders.pop(next(iter(self.decoders)))
             self.decoders[key] = Decoder(self.pair, cfg, learned)
         return self.decoders[key], key
 
