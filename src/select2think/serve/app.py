@@ -55,12 +55,11 @@ from ..decoding.state import DecodeStats
 from ..decoding.triggers import Trigger
 from ..errors import S2TError
 from ..models.chat import encode_chat, encode_prompts
-from . import render
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, Sampling, error_body
+from .render import FINISH, Tokens, chat_choice, completion_choice, envelope, new_id, usage
 from .settings import Resolver, ServeConfig, single_model
 from .worker import Job, QueueFull, RowOptions, Worker
-
 
 MAX_DECODERS = 64  # configurations kept ready (a queued job holds its own, so forgetting one is safe)
 
@@ -293,12 +292,10 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
         prompts = service.completion_prompts(body.prompt)
         max_new = body.max_tokens or 16
         job, queue = service.job(body, prompts, False, max_new, body.logprobs, body.prompt_logprobs)
-        tokens = render.Tokens(pair.tokenizer, body.return_tokens_as_token_ids)
+        tokens = Tokens(pair.tokenizer, body.return_tokens_as_token_ids)
 
         def choice(i: int, done: Any) -> dict:
-            return render.completion_choice(
-                i, done, tokens, body.logprobs is not None, body.prompt_logprobs is not None
-            )
+            return completion_choice(i, done, tokens, body.logprobs is not None, body.prompt_logprobs is not None)
 
         def chunk(i: int, text: str, token: int | None, entry: Any, finish: str | None) -> dict:
             lp = tokens.completion([token], [entry]) if entry is not None and token is not None else None
@@ -312,10 +309,10 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
         max_new = body.max_completion_tokens or body.max_tokens or service.config.max_new_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         job, queue = service.job(body, prompts, True, max_new, top_n, None)
-        tokens = render.Tokens(pair.tokenizer)
+        tokens = Tokens(pair.tokenizer)
 
         def choice(i: int, done: Any) -> dict:
-            return render.chat_choice(i, done, tokens, body.logprobs)
+            return chat_choice(i, done, tokens, body.logprobs)
 
         def chunk(i: int, text: str, token: int | None, entry: Any, finish: str | None) -> dict:
             lp = tokens.chat([token], [entry]) if entry is not None and token is not None else None
@@ -325,7 +322,7 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
 
     async def respond(kind, prefix, body, request, job, queue, choice, chunk):
         t0 = time.perf_counter()
-        rid, model = render.new_id(prefix), service.config.model_name
+        rid, model = new_id(prefix), service.config.model_name
         prompt_tokens = sum(len(p) for p in job.prompts)
         endpoint = request.url.path
         service.submit(job)
@@ -333,7 +330,7 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
         def closing(gens: list) -> tuple[dict, DecodeStats]:
             stats = DecodeStats.of_rows(gens, time.perf_counter() - t0)
             service.metrics.finished(endpoint, prompt_tokens, stats)
-            return render.usage(prompt_tokens, stats.generated_tokens), stats
+            return usage(prompt_tokens, stats.generated_tokens), stats
 
         if not body.stream:
             done: dict[int, Any] = {}
@@ -349,7 +346,7 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
                 return Response(status_code=499)
             use, stats = closing([done[i].gen for i in range(len(done))])
             choices = [choice(i, done[i]) for i in range(len(done))]
-            return render.envelope(kind, rid, model, choices, usage=use, s2t=service.s2t(job, stats))
+            return envelope(kind, rid, model, choices, usage=use, s2t=service.s2t(job, stats))
 
         chunk_kind = kind + ".chunk" if kind == "chat.completion" else kind
 
@@ -360,7 +357,7 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
                 if kind == "chat.completion":
                     for i in range(len(job.prompts)):
                         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                        yield sse(render.envelope(chunk_kind, rid, model, [first]))
+                        yield sse(envelope(chunk_kind, rid, model, [first]))
                 while len(gens) < len(job.prompts):
                     event = await queue.get()
                     if event[0] == "error":
@@ -370,17 +367,17 @@ def create_app(pair: ModelPair, config: ServeConfig | None = None) -> FastAPI:
                     if event[0] == "token":
                         _, i, text, token, entry = event
                         if text or entry is not None:
-                            yield sse(render.envelope(chunk_kind, rid, model, [chunk(i, text, token, entry, None)]))
+                            yield sse(envelope(chunk_kind, rid, model, [chunk(i, text, token, entry, None)]))
                     else:
                         _, i, fin, rest = event
                         gens[i] = fin.gen
-                        reason = render.FINISH.get(fin.gen.finish_reason, fin.gen.finish_reason)
-                        yield sse(render.envelope(chunk_kind, rid, model, [chunk(i, rest, None, None, reason)]))
+                        reason = FINISH.get(fin.gen.finish_reason, fin.gen.finish_reason)
+                        yield sse(envelope(chunk_kind, rid, model, [chunk(i, rest, None, None, reason)]))
                 use, stats = closing([gens[i] for i in range(len(gens))])
                 extra: dict[str, Any] = {"s2t": service.s2t(job, stats)}
                 if body.stream_options is not None and body.stream_options.include_usage:
                     extra["usage"] = use
-                yield sse(render.envelope(chunk_kind, rid, model, [], **extra))
+                yield sse(envelope(chunk_kind, rid, model, [], **extra))
                 yield sse("[DONE]")
                 finished = True
             finally:
