@@ -112,6 +112,16 @@ def test_an_admitted_row_starts_over_and_the_others_are_unchanged(engine, retire
         del b.repack_slack
 
 
+def test_rows_retired_all_at_once_leave_the_hf_cache_when_a_newcomer_arrives():
+    b = make("hf")
+    prefill(b)
+    b.retire([0, 1, 2])  # the cache keeps them (it never goes empty) ...
+    b.admit(2)
+    assert b.rows == [2]  # ... until a newcomer holds a row: then they are dropped
+    b.admit(0)
+    assert b.rows == [2, 0] and b.length(0) == b.length(2) == 0
+
+
 @pytest.mark.parametrize("rows", [[0, 1, 2], [2, 0]])
 def test_sibling_scoring_equals_separate_forwards_and_keep_advances_the_row(engine, rows):
     name, b = engine

@@ -74,6 +74,7 @@ class HFBackend(Backend):
         self.batch_size = batch_size
         self._siblings: tuple[list[int], int] | None = None  # (rows, first sibling slot) of a tree on the cache
         self._peeked: tuple[list[int], torch.Tensor] | None = None  # (rows, cands) scored on a view
+        self._parked: set[int] = set()  # retired while no other row was held: still in the cache (`retire`)
         self._reset_counters(batch_size)
 
     @property
@@ -133,7 +134,10 @@ class HFBackend(Backend):
         self._drop_siblings()
         finished = set(rows)
         keep = [j for j, r in enumerate(self.rows) if r not in finished]
-        if len(keep) == len(self.rows) or not keep:
+        if not keep:  # the cache never goes empty; `admit` drops these once a newcomer holds a row
+            self._parked |= finished
+            return
+        if len(keep) == len(self.rows):
             return
         idx = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(idx)
@@ -163,6 +167,9 @@ class HFBackend(Backend):
             self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(1)])
             self.rows.append(row)
         self.row_forwards[row] = self.row_tokens[row] = 0
+        parked, self._parked = self._parked - {row}, set()
+        if parked:
+            self.retire(sorted(parked))
         self._compact_tail()
         if self.num_slots > 2 * int(self.lengths.max()) + self.repack_slack:
             self._repack()
