@@ -84,6 +84,44 @@ def test_retired_rows_leave_and_the_others_are_unchanged(engine):
     assert close(second[2, -1], last_logits(make(name), PROMPTS[2] + [6, 4]), name)
 
 
+@pytest.mark.parametrize("retired", [False, True])
+def test_an_admitted_row_starts_over_and_the_others_are_unchanged(engine, retired):
+    """Continuous batching: a row (retired or still held) starts over mid-batch as a fresh row would."""
+    name, b = engine
+    if name == "hf":
+        b.repack_slack = 0  # re-pack the slots at every admission: the layout must not matter
+    prefill(b)
+    if retired:
+        b.retire([1])
+    b.admit(1)
+    assert b.length(1) == 0 and b.row_tokens[1] == 0
+    new = [42, 43, 44, 45, 46, 47]
+    ids = torch.zeros(3, len(new), dtype=torch.long)
+    ids[1] = torch.tensor(new)
+    live = torch.zeros(3, len(new), dtype=torch.bool)
+    live[1] = True
+    got = b.extend(ids, live, last_only=True)
+    step = b.extend(torch.tensor([[5], [6], [7]]), torch.ones(3, 1, dtype=torch.bool), last_only=True)
+    assert b.length(1) == len(new) + 1 and b.row_tokens[1] == len(new) + 1
+    ref = make(name)
+    assert close(got[1, 0], last_logits(ref, new), name)
+    for r, t in enumerate([5, 6, 7]):
+        seq = [*new, t] if r == 1 else PROMPTS[r] + [t]
+        assert close(step[r, 0], last_logits(ref, seq), name)
+    if name == "hf":
+        del b.repack_slack
+
+
+def test_rows_retired_all_at_once_leave_the_hf_cache_when_a_newcomer_arrives():
+    b = make("hf")
+    prefill(b)
+    b.retire([0, 1, 2])  # the cache keeps them (it never goes empty) ...
+    b.admit(2)
+    assert b.rows == [2]  # ... until a newcomer holds a row: then they are dropped
+    b.admit(0)
+    assert b.rows == [2, 0] and b.length(0) == b.length(2) == 0
+
+
 @pytest.mark.parametrize("rows", [[0, 1, 2], [2, 0]])
 def test_sibling_scoring_equals_separate_forwards_and_keep_advances_the_row(engine, rows):
     name, b = engine

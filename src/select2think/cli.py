@@ -127,6 +127,28 @@ def _threshold(
     return threshold
 
 
+def _local_selector(
+    slm: str,
+    policy: str,
+    adapter: str | None,
+    trigger: str | None,
+    threshold: float | None,
+    threshold_file: str | None,
+) -> tuple[str | Path | None, str | None, str | None]:
+    """s2t-local's selector (--adapter, else the bundle shipped for the SLM) and, when no trigger is chosen,
+    the bundle's learned trigger: (selector or None, trigger, threshold file)."""
+    if policy != "s2t-local":
+        return None, trigger, threshold_file
+    from .local.bundle import bundled_trigger, shipped_bundle
+
+    selector = adapter or shipped_bundle(slm)
+    if selector is None:
+        raise S2TError(f"policy s2t-local needs --adapter (a selector from `s2t train`); none ships for {slm}")
+    if trigger is None and threshold is None and threshold_file is None and bundled_trigger(selector):
+        trigger, threshold_file = "learned", str(bundled_trigger(selector))
+    return selector, trigger, threshold_file
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the question"),
@@ -173,15 +195,7 @@ def generate(
     llm, remote = _remote_llm(llm, llm_url, llm_model)
     if policy in POLICIES and POLICIES[policy].needs_llm and llm is None and remote is None:
         raise S2TError(f"policy {policy!r} needs --llm (or --llm-url)")
-    selector: str | Path | None = None
-    if policy == "s2t-local":
-        from .local.bundle import bundled_trigger, shipped_bundle
-
-        selector = adapter or shipped_bundle(slm)
-        if selector is None:
-            raise S2TError(f"policy s2t-local needs --adapter (a selector from `s2t train`); none ships for {slm}")
-        if trigger is None and threshold is None and threshold_file is None and bundled_trigger(selector):
-            trigger, threshold_file = "learned", str(bundled_trigger(selector))
+    selector, trigger, threshold_file = _local_selector(slm, policy, adapter, trigger, threshold, threshold_file)
     trig = trigger or (POLICIES[policy].default_trigger if policy in POLICIES else "never")
     thr = _threshold(trig, threshold, threshold_file, slm, llm, reverse_kl)
     cfg = DecodeConfig(
@@ -235,6 +249,94 @@ def generate(
         + (f", Hit@{k} {st.hit_at_k:.1%}" if st.hit_at_k is not None else "")
         + "[/dim]"
     )
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Option(None, help="serve this one model (greedy; a remote LLM for another s2t)"),
+    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id"),
+    llm: str | None = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_batch: int = typer.Option(8, help="rows decoded together (requests join and leave between steps)"),
+    max_queue: int = typer.Option(64, help="rows that may wait for a place in the batch; more get 429"),
+    served_model_name: str | None = typer.Option(None, help="the id /v1/models lists (default: the model's name)"),
+    policy: str = typer.Option("greedy", help="default policy: greedy | sample | llm | takeover | s2t | s2t-local"),
+    k: int = typer.Option(8, help="default S2T candidates: the SLM's top-K"),
+    trigger: str | None = typer.Option(None, help="default trigger: never | always | kl | entropy | margin | random"),
+    threshold: float | None = typer.Option(None, help="default threshold"),
+    threshold_file: str | None = typer.Option(None, help="default threshold: JSON from `s2t calibrate`"),
+    calibration: list[str] = typer.Option(
+        [], help="NAME=FILE: a threshold file requests may name as `calibration` (repeatable)"
+    ),
+    reverse_kl: bool = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)"),
+    max_new_tokens: int = typer.Option(512, help="chat's max_tokens when a request gives none"),
+    temperature: float = typer.Option(0.7, help="policy sample's temperature when a request gives none"),
+    top_p: float = typer.Option(0.95),
+    seed: int = typer.Option(0),
+    adapter: str | None = typer.Option(
+        None, help="S2T-Local selector or bundle (default for s2t-local: the shipped one)"
+    ),
+    local_mode: str = typer.Option("coupled", help="s2t-local: coupled | decoupled"),
+    reference: bool = typer.Option(False, help="run the step-by-step reference loop instead of the fast paths"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    backend: str = typer.Option(
+        "hf", help="engine: hf | llama.cpp | auto (llama.cpp when installed and every model has a GGUF)"
+    ),
+):
+    """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
+    from .backends import load_pair
+    from .backends.loading import check_engine, fastest_engine
+    from .decoding.config import POLICIES
+    from .serve import ServeConfig, create_app
+
+    if model is not None:
+        if llm is not None:
+            raise S2TError("--model serves one model: leave out --llm (or use --slm and --llm)")
+        slm = model
+    if not 1 <= port <= 65535:
+        raise S2TError(f"--port must be between 1 and 65535, got {port}")
+    if policy in POLICIES and POLICIES[policy].needs_llm and llm is None:
+        raise S2TError(f"policy {policy!r} needs --llm")
+    selector, trigger, threshold_file = _local_selector(slm, policy, adapter, trigger, threshold, threshold_file)
+    selector = selector or adapter
+    calibrations = {}
+    for item in calibration:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise S2TError(f"--calibration takes NAME=FILE, got {item!r}")
+        calibrations[name] = path
+    name = served_model_name or (llm if policy == "llm" and llm else slm)
+    config = ServeConfig(
+        policy=policy,
+        k=k,
+        trigger=trigger,
+        threshold=threshold,
+        threshold_file=threshold_file,
+        reverse_kl=reverse_kl,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        local_mode=local_mode,
+        fast=not reference,
+        calibrations=calibrations,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        model_name=name,
+    )
+    engine = fastest_engine(slm, llm) if backend == "auto" else check_engine(backend)
+    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=engine)
+    if selector is not None:
+        from .local.selector import apply_selector
+
+        apply_selector(pair, selector, mode=local_mode)
+    app_ = create_app(pair, config)  # resolves the default calibration: a mismatch is one line, before listening
+    import uvicorn
+
+    console.print(f"serving {name} on http://{host}:{port}/v1 ({engine}, policy {policy}, batch {max_batch})")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command("calibrate")

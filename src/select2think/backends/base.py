@@ -29,6 +29,7 @@ class Capabilities:
     sibling_scoring: bool = False  # K candidates at one position in one forward
     adapters: bool = False  # LoRA selectors (transformers + peft only)
     selection_only: bool = False  # answers only "which of these K ids comes first?" (`select`): a remote LLM
+    admission: bool = False  # `admit`: a row starts over mid-batch (continuous batching)
 
 
 class Backend(ABC):
@@ -79,6 +80,12 @@ class Backend(ABC):
     @abstractmethod
     def retire(self, rows: Sequence[int]) -> None:
         """Finished rows leave the batch; later calls skip them (no-op for rows already gone)."""
+
+    def admit(self, row: int) -> None:
+        """Row `row` (retired or not) starts over as an empty row while the other rows keep their caches, and
+        its counters restart: continuous batching prefills a newcomer there with an extend in which only it is
+        live. Engines without `capabilities.admission` decode fixed batches only."""
+        raise S2TError(f"the {self.name} backend cannot admit a row mid-batch (continuous batching)")
 
     # -- siblings (S2T-Local) -----------------------------------------------------------------------
     def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:

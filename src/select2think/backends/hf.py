@@ -39,7 +39,10 @@ class AdapterOff:
 
 class HFBackend(Backend):
     name = "hf"
-    capabilities = Capabilities(full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True)
+    repack_slack = 64  # dead slots tolerated beyond twice the longest row before `admit` re-packs
+    capabilities = Capabilities(
+        full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True, admission=True
+    )
 
     def __init__(self, model: Any):
         head = model.get_output_embeddings()
@@ -71,6 +74,7 @@ class HFBackend(Backend):
         self.batch_size = batch_size
         self._siblings: tuple[list[int], int] | None = None  # (rows, first sibling slot) of a tree on the cache
         self._peeked: tuple[list[int], torch.Tensor] | None = None  # (rows, cands) scored on a view
+        self._parked: set[int] = set()  # retired while no other row was held: still in the cache (`retire`)
         self._reset_counters(batch_size)
 
     @property
@@ -87,8 +91,9 @@ class HFBackend(Backend):
             raise ValueError(f"row {row} was retired from the cache") from None
 
     def _held(self) -> torch.Tensor | None:
-        """Cache rows' batch indices, or None while no row has been retired."""
-        return None if len(self.rows) == self.batch_size else torch.tensor(self.rows, device=self.device)
+        """Cache rows' batch indices, or None while cache row j is batch row j for every row."""
+        in_order = len(self.rows) == self.batch_size and self.rows == list(range(self.batch_size))
+        return None if in_order else torch.tensor(self.rows, device=self.device)
 
     @torch.no_grad()
     def extend(
@@ -129,13 +134,63 @@ class HFBackend(Backend):
         self._drop_siblings()
         finished = set(rows)
         keep = [j for j, r in enumerate(self.rows) if r not in finished]
-        if len(keep) == len(self.rows) or not keep:
+        if not keep:  # the cache never goes empty; `admit` drops these once a newcomer holds a row
+            self._parked |= finished
+            return
+        if len(keep) == len(self.rows):
             return
         idx = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(idx)
         self.slot_mask, self.lengths = self.slot_mask[idx], self.lengths[idx]
         self.rows = [self.rows[j] for j in keep]
         self._compact_tail()
+
+    def admit(self, row: int) -> None:
+        """A held row's slots all turn dead; a retired row gets a new cache row of dead slots (appended: the
+        cache order is `self.rows`'). Each newcomer's prefill adds dead slots to every other row, so the slots
+        are re-packed once they far outnumber the longest row."""
+        self._drop_siblings()
+        if not 0 <= row < self.batch_size:
+            raise IndexError(f"row {row} is outside the batch of {self.batch_size} rows")
+        if row in self.rows:
+            j = self.rows.index(row)
+            self.slot_mask[j] = False
+            self.lengths[j] = 0
+        else:
+            layers: list[Any] = list(self.cache.layers)  # attention layers: keys/values [B, heads, T, d]
+            for layer in layers:
+                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+                if keys is not None and values is not None and keys.dim() == 4:
+                    layer.keys = torch.cat([keys, keys.new_zeros(1, *keys.shape[1:])])
+                    layer.values = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
+            self.slot_mask = torch.cat([self.slot_mask, self.slot_mask.new_zeros(1, self.num_slots)])
+            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(1)])
+            self.rows.append(row)
+        self.row_forwards[row] = self.row_tokens[row] = 0
+        parked, self._parked = self._parked - {row}, set()
+        if parked:
+            self.retire(sorted(parked))
+        self._compact_tail()
+        if self.num_slots > 2 * int(self.lengths.max()) + self.repack_slack:
+            self._repack()
+
+    def _repack(self) -> None:
+        """Move every row's live slots, in order, to the right end of a narrower cache (the layout left padding
+        gives). Positions were baked into the keys when they were computed, so only the mask moves with them."""
+        width = int(self.slot_mask.sum(1).max())
+        src = torch.zeros(len(self.rows), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(self.rows), width, dtype=torch.bool, device=self.device)
+        for j in range(len(self.rows)):
+            live = self.slot_mask[j].nonzero().flatten()
+            src[j, width - len(live) :] = live
+            mask[j, width - len(live) :] = True
+        layers: list[Any] = list(self.cache.layers)
+        for layer in layers:
+            for name in ("keys", "values"):
+                x = getattr(layer, name, None)
+                if x is not None and x.dim() == 4:
+                    setattr(layer, name, x.gather(2, src[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])))
+        self.slot_mask = mask
 
     # -- siblings ----------------------------------------------------------------------------------
     @torch.no_grad()

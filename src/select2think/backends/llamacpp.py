@@ -200,7 +200,9 @@ class LlamaCppBackend(Backend):
         super().__init__(vocab_rows=lib.llama_vocab_n_tokens(vocab), hidden_size=lib.llama_model_n_embd(model))
         self.n_params = int(lib.llama_model_n_params(model))
         self.context_length = int(lib.llama_model_n_ctx_train(model))
-        self.capabilities = Capabilities(full_logits=True, hidden_states=hidden_states, sibling_scoring=True)
+        self.capabilities = Capabilities(
+            full_logits=True, hidden_states=hidden_states, sibling_scoring=True, admission=True
+        )
         self._embeddings_on = False
         self._batch = _Batch(lib, 0)
         self.path = path
@@ -316,6 +318,17 @@ class LlamaCppBackend(Backend):
                 self._seq_rm(r, -1, -1)
                 self._alive[r] = False
                 self._lengths[r] = 0
+
+    def admit(self, row: int) -> None:
+        """The row's sequence id is emptied (and revived if retired)."""
+        self._drop_siblings()
+        if not 0 <= row < len(self._lengths):
+            raise IndexError(f"row {row} is outside the batch of {len(self._lengths)} rows")
+        if self._alive[row]:
+            self._seq_rm(row, -1, -1)
+        self._alive[row] = True
+        self._lengths[row] = 0
+        self.row_forwards[row] = self.row_tokens[row] = 0
 
     # -- siblings ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends.base import Backend
 from ..backends.pair import ModelPair
 from ..errors import S2TError
 from ..models.chat import encode_prompts
@@ -20,7 +21,7 @@ from .state import Batch, DecodeStats, Generation, RowState
 from .triggers import Trigger
 from .vocab import Vocab
 
-__all__ = ["GenerateResult", "encode_prompts", "generate", "path_for"]
+__all__ = ["Decoder", "GenerateResult", "encode_prompts", "generate", "path_for"]
 
 
 @dataclass
@@ -79,24 +80,71 @@ def check_llm_engine(pair: ModelPair, cfg: DecodeConfig, policy: Policy, path: s
         )
 
 
-def _decode(
-    pair: ModelPair, cfg: DecodeConfig, path: str, batch: Batch, head: ReservedHead | None
-) -> tuple[list[RowState], DecodeStats]:
-    if cfg.info.path == "llm-alone":
-        return decode_reference(pair.require_llm(), None, batch, role="llm")
-    if cfg.info.path == "local":
-        assert head is not None
-        scorer = pair.scorer if cfg.local_mode == "decoupled" else None
-        if cfg.local_mode == "decoupled" and scorer is None:
-            raise S2TError(
-                "decoupled S2T-Local needs the selector loaded unmerged: apply_selector(pair, path, mode='decoupled')"
-            )
-        return decode_local(pair.slm, scorer, head, batch, fast=cfg.fast)
-    if path == "draft-verify":
-        return decode_draft_verify(pair.slm, pair.require_llm(), batch, draft_len=cfg.draft_len)
-    if path == "lazy-llm":
-        return decode_lazy(pair.slm, pair.require_llm(), batch)
-    return decode_reference(pair.slm, pair.llm if batch.policy.needs_llm else None, batch)
+class Decoder:
+    """What `generate` sets up once for a configuration (the policy, the S2T-Local head, the stop ids, the
+    execution path), and `run` to decode one `Batch` with it. The server keeps one per configuration and
+    decodes continuous batches through it."""
+
+    def __init__(self, pair: ModelPair, cfg: DecodeConfig, trigger: Trigger | None = None):
+        if cfg.uses_llm:
+            pair.require_llm()
+        self.pair, self.cfg = pair, cfg
+        self.head = local_head(pair, cfg) if cfg.info.path == "local" else None
+        self.policy = Policy.from_config(cfg, trigger, self.head)  # `trigger`: a ready object (a learned head)
+        self.eos = frozenset(pair.eos_ids) | frozenset(cfg.extra_eos)
+        tok = pair.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos)
+        self.path = path_for(cfg, self.policy)
+        check_llm_engine(pair, cfg, self.policy, self.path)
+        self.vocab = Vocab.of(pair)
+
+    @property
+    def proposer(self) -> Backend:
+        """The backend whose distribution every step starts from (the LLM when it decodes alone)."""
+        return self.pair.require_llm() if self.cfg.info.path == "llm-alone" else self.pair.slm
+
+    @property
+    def backends(self) -> list[Backend]:
+        """Every backend a decode with this configuration runs."""
+        llm = [self.pair.require_llm()] if self.policy.needs_llm or self.cfg.info.path == "llm-alone" else []
+        scorer = [self.pair.scorer] if self.pair.scorer is not None and self.cfg.local_mode == "decoupled" else []
+        return [self.proposer, *(b for b in llm if b is not self.proposer), *scorer]
+
+    def row(
+        self,
+        max_new_tokens: int | None = None,
+        stop: tuple[str, ...] | None = None,
+        on_commit: Callable[[RowState], None] | None = None,
+        **kw: Any,
+    ) -> RowState:
+        """A fresh row; the limits default to the configuration's (`kw`: RowState's bias, top_n)."""
+        return RowState(
+            self.pair.tokenizer,
+            self.eos,
+            self.cfg.stop if stop is None else stop,
+            self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            on_commit,
+            **kw,
+        )
+
+    def run(self, batch: Batch) -> tuple[list[RowState], DecodeStats]:
+        pair, cfg, head = self.pair, self.cfg, self.head
+        if cfg.info.path == "llm-alone":
+            return decode_reference(pair.require_llm(), None, batch, role="llm")
+        if cfg.info.path == "local":
+            assert head is not None
+            scorer = pair.scorer if cfg.local_mode == "decoupled" else None
+            if cfg.local_mode == "decoupled" and scorer is None:
+                raise S2TError(
+                    "decoupled S2T-Local needs the selector loaded unmerged: "
+                    "apply_selector(pair, path, mode='decoupled')"
+                )
+            return decode_local(pair.slm, scorer, head, batch, fast=cfg.fast)
+        if self.path == "draft-verify":
+            return decode_draft_verify(pair.slm, pair.require_llm(), batch, draft_len=cfg.draft_len)
+        if self.path == "lazy-llm":
+            return decode_lazy(pair.slm, pair.require_llm(), batch)
+        return decode_reference(pair.slm, pair.llm if batch.policy.needs_llm else None, batch)
 
 
 def generate(
@@ -119,25 +167,13 @@ def generate(
     cfg = config or DecodeConfig(**overrides)
     if isinstance(prompts, str):
         prompts = [prompts]
-    if cfg.uses_llm:
-        pair.require_llm()
-    head = local_head(pair, cfg) if cfg.info.path == "local" else None
-    policy = Policy.from_config(cfg, trigger, head)  # `trigger`: a ready object (e.g. a learned head)
+    dec = Decoder(pair, cfg, trigger)
     if recorder is not None and cfg.info.path in ("local", "llm-alone"):
         raise S2TError(f"recording decode steps is not supported for policy {cfg.policy}")
     if recorder is not None and recorder.wants_hidden:
         pair.slm.require("hidden_states", "recording hidden states")
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
     seeds = row_seeds if row_seeds is not None else list(range(len(encoded)))
-    eos = set(pair.eos_ids) | set(cfg.extra_eos)
-    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else min(eos)
-    path = path_for(cfg, policy)
-    check_llm_engine(pair, cfg, policy, path)
-    vocab = Vocab.of(pair)
-
-    def make_row() -> RowState:
-        return RowState(pair.tokenizer, eos, cfg.stop, cfg.max_new_tokens, on_commit)
-
     total = DecodeStats()
     gens: list[Generation] = []
     hidden_before = pair.slm.want_hidden
@@ -147,11 +183,12 @@ def generate(
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             rec = Offset(recorder, start) if recorder is not None else None
-            batch = Batch(chunk, vocab, policy, make_row, seeds[start : start + batch_size], pad_id, rec)
-            rows, st = _decode(pair, cfg, path, batch, head)
+            rows = [dec.row(on_commit=on_commit) for _ in chunk]
+            batch = Batch(chunk, dec.vocab, dec.policy, rows, seeds[start : start + batch_size], dec.pad_id, rec)
+            rows, st = dec.run(batch)
             gens.extend(r.finish() for r in rows)
             total = total + st
     finally:
         if recorder is not None and recorder.wants_hidden:
             pair.slm.want_hidden = hidden_before
-    return GenerateResult([g.text for g in gens], gens, total, cfg, path)
+    return GenerateResult([g.text for g in gens], gens, total, cfg, dec.path)

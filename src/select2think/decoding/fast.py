@@ -19,7 +19,7 @@ import torch
 from ..backends.base import Backend
 from .lagging import LaggingCache
 from .record import Steps
-from .state import Batch, DecodeStats, RowState, StepView, active_view, commit_step, totals
+from .state import Batch, DecodeStats, RowState, StepView, active_view, commit_step, shaped, totals
 
 
 def _retire(finished: list[int], slm: Backend, llm: LaggingCache) -> None:
@@ -45,7 +45,7 @@ def _draft(slm: Backend, batch: Batch, rows: list[RowState], s_logits: torch.Ten
         ]
         if not drafting:
             break
-        s_lp = s_logits[drafting].log_softmax(-1)
+        s_lp = shaped(rows, drafting, s_logits[drafting]).log_softmax(-1)
         keys = [(batch.row_seeds[r], rows[r].step + i) for r in drafting]
         tok = batch.policy.base.select(s_lp, None, keys)
         feed = torch.full((B, 1), batch.pad_id, dtype=torch.long)
@@ -98,14 +98,21 @@ def decode_draft_verify(
     rows, s_logits = batch.start(slm)
     hidden = batch.start_hidden(slm)
     llm = LaggingCache(llm_backend, batch.prompts, batch.pad_id)
+    roles = {"slm": [slm], "llm": [llm_backend]}
     slm_pending: list[int | None] = [None] * B
-    while any(not r.done for r in rows):
+    while True:
+        if new := batch.admit(roles):  # continuous batching: newcomers join between blocks
+            s_logits, hidden = batch.join(slm, new, s_logits, hidden)
+            for r in new:
+                llm.admit(r, batch.prompts[r])
+        if all(r.done for r in rows):
+            break
         # 1. rows cut in the last block feed their corrected token to the SLM
         if any(p is not None for p in slm_pending):
             feed = torch.tensor([[p if p is not None else batch.pad_id] for p in slm_pending])
             live = torch.tensor([[p is not None] for p in slm_pending])
-            new = batch.next_logits(slm, feed, live)
-            s_logits = torch.where(live.to(new.device), new, s_logits)
+            got = batch.next_logits(slm, feed, live)
+            s_logits = torch.where(live.to(got.device), got, s_logits)
             hidden = batch.next_hidden(slm, live, hidden)
             slm_pending = [None] * B
         # 2. draft
@@ -136,8 +143,8 @@ def decode_draft_verify(
             pos += len(drafts[r])
         if batch.recorder is not None:
             _record(batch, committed, seen, hids)
-        _retire([r for r in range(B) if rows[r].done], slm, llm)
-    return rows, totals(rows, t0, slm=[slm], llm=[llm_backend])
+        _retire([r for r in range(B) if rows[r].done and not rows[r].vacant], slm, llm)
+    return rows, totals(rows, t0, **roles)
 
 
 def _ask_llm(llm: LaggingCache, batch: Batch, view: StepView, fired: torch.Tensor):
@@ -157,7 +164,14 @@ def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[
     rows, s_logits = batch.start(slm)
     hidden = batch.start_hidden(slm)
     llm = LaggingCache(llm_backend, batch.prompts, batch.pad_id)
-    while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
+    roles = {"slm": [slm], "llm": [llm_backend]}
+    while True:
+        if new := batch.admit(roles):  # continuous batching: newcomers join between steps
+            s_logits, hidden = batch.join(slm, new, s_logits, hidden)
+            for r in new:
+                llm.admit(r, batch.prompts[r])
+        if (view := active_view(rows, s_logits, batch.row_seeds)) is None:
+            break
         s_lp = view.slm_logp
         fired, stat = policy.fire(s_lp, None, view.steps, view.keys)
         l_lp, picks = _ask_llm(llm, batch, view, fired) if fired.any() else (None, None)
@@ -171,8 +185,8 @@ def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[
             llm.follow(r, int(tokens[j])) if live[r, 0] else llm.forget(r)
         _retire([r for r in view.active if rows[r].done], slm, llm)
         if not live.any():
-            break
-        new = batch.next_logits(slm, feed, live)
-        s_logits = torch.where(live.to(new.device), new, s_logits)
+            continue  # every row finished: the next admit may bring newcomers, else the loop ends
+        got = batch.next_logits(slm, feed, live)
+        s_logits = torch.where(live.to(got.device), got, s_logits)
         hidden = batch.next_hidden(slm, live, hidden)
-    return rows, totals(rows, t0, slm=[slm], llm=[llm_backend])
+    return rows, totals(rows, t0, **roles)

@@ -17,9 +17,19 @@ class LaggingCache:
         self.next_raw: list[torch.Tensor | None] = [None] * len(prompts)  # raw logits after the cache's last token
         self.pad_id = pad_id
         self.retired: set[int] = set()
+        self.retire([r for r, p in enumerate(prompts) if not p])  # free rows of a continuous batch
+
+    def admit(self, row: int, prompt: list[int]) -> None:
+        """A newcomer takes the row: its cache starts over, its prompt goes through with the next forward."""
+        self.backend.admit(row)
+        self.retired.discard(row)
+        self.pending[row] = list(prompt)
+        self.next_raw[row] = None
 
     def retire(self, rows: list[int]) -> None:
         """Finished rows leave the model's batch."""
+        if not rows:
+            return
         self.backend.retire(rows)
         self.retired |= set(rows)
         for r in rows:

@@ -70,6 +70,12 @@ class _Scoring:
         if self.lagging is not None and rows:
             self.lagging.retire(rows)
 
+    def admit(self, row: int, prompt: list[int]) -> None:
+        """A newcomer takes the row (continuous batching)."""
+        self.history[row] = list(prompt)
+        if self.lagging is not None:
+            self.lagging.admit(row, prompt)
+
 
 def decode_local(
     slm: Backend, scorer: Backend | None, head: ReservedHead, batch: Batch, fast: bool = True
@@ -81,7 +87,17 @@ def decode_local(
     rows, s_logits = batch.start(slm)
     hidden = slm.hidden()[:, -1]
     scoring = _Scoring(slm, scorer, batch, fast)
-    while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
+    lagging = [scoring.lagging.backend] if scoring.lagging is not None else []
+    roles = {"slm": [slm, *lagging]}  # the reference's scratch forwards are not costed
+    while True:
+        if new := batch.admit(roles):  # continuous batching: newcomers join between steps
+            s_logits, joined = batch.join(slm, new, s_logits, hidden)
+            assert joined is not None
+            hidden = joined
+            for r in new:
+                scoring.admit(r, batch.prompts[r])
+        if (view := active_view(rows, s_logits, batch.row_seeds)) is None:
+            break
         active, s_lp = view.active, view.slm_logp
         fired, _ = policy.fire(s_lp, None, view.steps, view.keys, hidden=hidden[view.idx])
         tokens = policy.base.select(s_lp, None, view.keys).clone()
@@ -109,12 +125,9 @@ def decode_local(
         if finished:  # finished rows leave the batch: the rest decode as fast as a smaller batch
             slm.retire(finished)
             scoring.retire(finished)
-        if kept:
-            continue
-        if not live.any():
-            break
-        new = batch.next_logits(slm, feed, live)
-        s_logits = torch.where(live.to(new.device), new, s_logits)
-        hidden = torch.where(live.to(new.device), slm.hidden()[:, -1], hidden)
-    lagging = [scoring.lagging.backend] if scoring.lagging is not None else []
-    return rows, totals(rows, t0, slm=[slm, *lagging])  # the reference's scratch forwards are not costed
+        if kept or not live.any():
+            continue  # the siblings advanced every row, or every row finished
+        got = batch.next_logits(slm, feed, live)
+        s_logits = torch.where(live.to(got.device), got, s_logits)
+        hidden = torch.where(live.to(got.device), slm.hidden()[:, -1], hidden)
+    return rows, totals(rows, t0, **roles)

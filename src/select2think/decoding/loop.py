@@ -22,7 +22,17 @@ def decode_reference(
     rows, s_logits = batch.start(proposer)
     hidden = batch.start_hidden(proposer)
     l_logits = batch.start(llm)[1] if llm is not None else None
-    while (view := active_view(rows, s_logits, batch.row_seeds)) is not None:
+    if role == "llm":
+        roles: dict[str, list[Backend]] = {"llm": [proposer]}
+    else:
+        roles = {"slm": [proposer], "llm": [llm] if llm is not None else []}
+    while True:
+        if new := batch.admit(roles):  # continuous batching: newcomers join between steps
+            s_logits, hidden = batch.join(proposer, new, s_logits, hidden)
+            if llm is not None and l_logits is not None:
+                l_logits = batch.join(llm, new, l_logits)[0]
+        if (view := active_view(rows, s_logits, batch.row_seeds)) is None:
+            break
         s_lp = view.slm_logp
         l_lp = l_logits[view.idx].log_softmax(-1) if l_logits is not None else None
         fired, stat = policy.fire(s_lp, l_lp, view.steps, view.keys)
@@ -32,16 +42,14 @@ def decode_reference(
             h = hidden[view.idx] if hidden is not None else None
             rec.record(Steps(view.active, view.steps.tolist(), tokens.tolist(), s_lp, l_lp, stat, fired, h))
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
-        if not live.any():
-            break
         finished = [r for r in view.active if rows[r].done]
         for b in (proposer, llm):  # finished rows leave the batch: the rest decode as a smaller batch would
             if b is not None and finished:
                 b.retire(finished)
+        if not live.any():
+            continue  # every row finished: the next admit may bring newcomers, else the loop ends
         s_logits = batch.next_logits(proposer, feed, live)
         hidden = batch.next_hidden(proposer, live, hidden)
         if llm is not None:
             l_logits = batch.next_logits(llm, feed, live)
-    if role == "llm":
-        return rows, totals(rows, t0, llm=[proposer])
-    return rows, totals(rows, t0, slm=[proposer], llm=[llm] if llm is not None else [])
+    return rows, totals(rows, t0, **roles)

@@ -4,9 +4,9 @@ stopping rules and the statistics every generation reports."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -54,6 +54,16 @@ class DecodeStats:
     hit_checked: int = 0
     wall_time_s: float = 0.0
 
+    @classmethod
+    def of_rows(cls, gens: Sequence[Generation], wall_time_s: float = 0.0) -> DecodeStats:
+        """Some rows' own counters summed (their forwards are the model calls they took part in)."""
+        shared = {f.name for f in fields(Generation)}
+        stats = cls(generated_tokens=sum(len(g.token_ids) for g in gens), wall_time_s=wall_time_s)
+        for f in fields(cls):
+            if f.name in shared:
+                setattr(stats, f.name, sum(getattr(g, f.name) for g in gens))
+        return stats
+
     def __add__(self, other: DecodeStats) -> DecodeStats:
         return DecodeStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
@@ -85,13 +95,38 @@ class DecodeStats:
 
 
 class RowState:
-    """Commits tokens for one row and decides when it is finished."""
+    """Commits tokens for one row and decides when it is finished.
 
-    def __init__(self, tokenizer, eos_ids: set[int], stop: tuple[str, ...], max_new_tokens: int, on_commit=None):
+    `bias` [V] is added to the proposer's text logits of this row at every step (allowed ids, logit bias);
+    with `top_n` (0 or more) the rows decoded step by step keep each chosen token's log-prob and the top-n
+    (`logprobs`).
+    `cancelled` may be set from any thread (its client left): the row then finishes at its next commit."""
+
+    def __init__(
+        self,
+        tokenizer,
+        eos_ids: set[int] | frozenset[int],
+        stop: tuple[str, ...],
+        max_new_tokens: int,
+        on_commit=None,
+        bias: torch.Tensor | None = None,
+        top_n: int | None = None,
+    ):
         self.gen = Generation()
         self.tokenizer, self.eos_ids, self.stop, self.max_new = tokenizer, eos_ids, stop, max_new_tokens
         self.done = False
+        self.vacant = False  # a free row of a continuous batch (Batch.admit)
+        self.cancelled = False
         self.on_commit = on_commit  # called with this row after every token, e.g. to stream text
+        self.bias, self.top_n = bias, top_n
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per token: (its log-prob, top-n)
+
+    @classmethod
+    def free(cls) -> RowState:
+        """A vacant row: done, nobody's."""
+        row = cls(None, frozenset(), (), 1)
+        row.done = row.vacant = True
+        return row
 
     @property
     def step(self) -> int:
@@ -110,7 +145,9 @@ class RowState:
         if hit is not None:
             g.hits += int(hit)
             g.hit_checked += 1
-        if token in self.eos_ids:
+        if self.cancelled:
+            self.done, g.finish_reason = True, "cancelled"
+        elif token in self.eos_ids:
             self.done, g.finish_reason = True, "eos"
         elif self.stop and any(s in self._text() for s in self.stop):
             self.done, g.finish_reason = True, "stop"
@@ -119,6 +156,11 @@ class RowState:
         if self.on_commit is not None:
             self.on_commit(self)
         return self.done
+
+    def keep_logprobs(self, logp: torch.Tensor, token: int) -> None:
+        """Before committing `token`: its log-prob and the top-n of the step's log-probs [V]."""
+        top = logp.topk(self.top_n or 0)
+        self.logprobs.append((float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
 
     def _text(self) -> str:
         return self.tokenizer.decode(self.gen.token_ids[-64:], skip_special_tokens=True)
@@ -134,7 +176,7 @@ class RowState:
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, T] and live mask [B, T], left padded."""
+    """Token ids [B, T] and live mask [B, T], left padded (an empty prompt is an all-dead row)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     live = torch.zeros((len(prompts), width), dtype=torch.bool)
@@ -144,25 +186,29 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, live
 
 
+def charge(row: RowState, i: int, slm: Sequence[Backend] = (), llm: Sequence[Backend] = ()) -> None:
+    """Add batch row i's per-row costs to the row's counters: each model role's costs are the sum over the
+    backends that did that role's work (the LLM policy's proposer is the LLM; decoupled S2T-Local's scorer
+    is SLM work)."""
+    for role, backends in (("slm", slm), ("llm", llm)):
+        for b in backends:
+            setattr(row.gen, f"{role}_forwards", getattr(row.gen, f"{role}_forwards") + b.row_forwards[i])
+            setattr(row.gen, f"{role}_tokens", getattr(row.gen, f"{role}_tokens") + b.row_tokens[i])
+
+
 def totals(rows: list[RowState], t0: float, slm: Sequence[Backend] = (), llm: Sequence[Backend] = ()) -> DecodeStats:
-    """Whole-call and per-row counters: each model role's costs are the sum over the backends that did
-    that role's work (the LLM policy's proposer is the LLM; decoupled S2T-Local's scorer is SLM work)."""
+    """Whole-call counters (forwards and tokens of the backends of each role, `charge`) and per-row ones."""
     stats = DecodeStats()
     for role, backends in (("slm", slm), ("llm", llm)):
         for b in backends:
             setattr(stats, f"{role}_forwards", getattr(stats, f"{role}_forwards") + b.forwards)
             setattr(stats, f"{role}_tokens", getattr(stats, f"{role}_tokens") + b.tokens)
             stats.llm_requests += b.requests if role == "llm" else 0
-            for i, r in enumerate(rows):
-                setattr(r.gen, f"{role}_forwards", getattr(r.gen, f"{role}_forwards") + b.row_forwards[i])
-                setattr(r.gen, f"{role}_tokens", getattr(r.gen, f"{role}_tokens") + b.row_tokens[i])
-    for r in rows:
-        g = r.gen
-        stats.generated_tokens += len(g.token_ids)
-        stats.triggers += g.triggers
-        stats.flips += g.flips
-        stats.hits += g.hits
-        stats.hit_checked += g.hit_checked
+    for i, r in enumerate(rows):
+        charge(r, i, slm, llm)
+    own = DecodeStats.of_rows([r.gen for r in rows])
+    for name in ("generated_tokens", "triggers", "flips", "hits", "hit_checked"):
+        setattr(stats, name, getattr(own, name))
     stats.wall_time_s = time.perf_counter() - t0
     return stats
 
@@ -178,12 +224,21 @@ class StepView:
     keys: list
 
 
+def shaped(rows: list[RowState], which: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """The proposer's text logits [N, V] of rows `which` with each row's `bias` added."""
+    if all(rows[r].bias is None for r in which):
+        return logits
+    zero = logits.new_zeros(logits.shape[-1])
+    biases = [rows[r].bias for r in which]
+    return logits + torch.stack([zero if b is None else b.to(logits) for b in biases])
+
+
 def active_view(rows: list[RowState], s_logits: torch.Tensor, row_seeds) -> StepView | None:
     active = [r for r in range(len(rows)) if not rows[r].done]
     if not active:
         return None
     idx = torch.tensor(active, device=s_logits.device)
-    s_lp = s_logits[idx].log_softmax(-1)
+    s_lp = shaped(rows, active, s_logits[idx]).log_softmax(-1)
     steps = [rows[r].step for r in active]
     keys = [(row_seeds[r], s) for r, s in zip(active, steps, strict=False)]
     return StepView(active, idx, s_lp, torch.tensor(steps, device=s_lp.device), keys)
@@ -198,22 +253,49 @@ def commit_step(rows: list[RowState], view: StepView, tokens, fired, flips, hits
         f = bool(fired[j])
         hit = bool(hits[j]) if (f and hits is not None) else None
         t = int(tokens[j])
+        if rows[r].top_n is not None:
+            rows[r].keep_logprobs(view.slm_logp[j], t)
         if not rows[r].commit(t, f, bool(flips[j]), hit):
             feed[r, 0], live[r, 0] = t, True
     return feed, live
 
 
 @dataclass
+class Arrival:
+    """A newcomer to a continuous batch: its prompt's token ids, its row and its seed key."""
+
+    prompt: list[int]
+    row: RowState
+    seed: Any
+
+
+class Arrivals(Protocol):
+    """Where a continuous batch finds newcomers and hands finished rows back (the server's queue)."""
+
+    def take(self, free: int) -> list[Arrival]:
+        """At most `free` newcomers that may join now; never blocks."""
+        ...
+
+    def leave(self, row: RowState) -> None:
+        """A finished row, its costs charged."""
+        ...
+
+
+@dataclass
 class Batch:
-    """What every decode loop is given: prompts [B] of token ids and how to decode them."""
+    """What every decode loop is given: prompts [B] of token ids, their rows and how to decode them.
+
+    With `arrivals` the batch is continuous: between two steps every loop calls `admit`, and rows that
+    finished leave while newcomers take their place (`join` prefills them). An empty prompt is a free row."""
 
     prompts: list[list[int]]
     vocab: Vocab
     policy: Policy
-    make_row: Callable[[], RowState]
+    rows: list[RowState]
     row_seeds: list
     pad_id: int
     recorder: StepRecorder | None = None  # sees every committed step (decoding.record)
+    arrivals: Arrivals | None = None
 
     @property
     def wants_hidden(self) -> bool:
@@ -230,13 +312,48 @@ class Batch:
         return torch.where(live.to(hidden.device), backend.hidden()[:, -1].to(hidden.device), hidden)
 
     def start(self, backend: Backend) -> tuple[list[RowState], torch.Tensor]:
-        """Fresh rows, and the backend's text logits [B, V] after prefilling the prompts."""
+        """The rows, and the backend's text logits [B, V] after prefilling the prompts (free rows retired)."""
         backend.reset(len(self.prompts))
         ids, live = left_pad(self.prompts, self.pad_id)
-        return [self.make_row() for _ in self.prompts], self.next_logits(backend, ids, live)
+        logits = self.next_logits(backend, ids, live)
+        backend.retire([r for r, p in enumerate(self.prompts) if not p])
+        return self.rows, logits
 
     def next_logits(self, backend: Backend, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Extend by ids/live [B, n]; the text logits [B, V] after each row's last token."""
         raw = backend.extend(ids, live, last_only=True)
         assert raw is not None
         return self.vocab.text_logits(raw[:, -1])
+
+    def admit(self, roles: dict[str, list[Backend]]) -> list[int]:
+        """Continuous batching, between two steps: finished rows, their costs charged from `roles` (`charge`),
+        go back to their owner, and newcomers take the free rows. Returns the newcomers' rows."""
+        if self.arrivals is None:
+            return []
+        free = []
+        for r, row in enumerate(self.rows):
+            if row.done and not row.vacant:
+                charge(row, r, **roles)
+                self.arrivals.leave(row)
+                self.rows[r] = RowState.free()
+            if self.rows[r].vacant:
+                free.append(r)
+        new = self.arrivals.take(len(free))
+        for r, a in zip(free, new, strict=False):
+            self.rows[r], self.prompts[r], self.row_seeds[r] = a.row, list(a.prompt), a.seed
+        return free[: len(new)]
+
+    def join(
+        self, backend: Backend, new: list[int], logits: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows `new` start over in `backend` with their prompts: `logits` [B, V] (and `hidden` [B, H], if
+        kept) take the newcomers' values at those rows."""
+        for r in new:
+            backend.admit(r)
+        ids, live = left_pad([self.prompts[r] if r in new else [] for r in range(len(self.prompts))], self.pad_id)
+        got = self.next_logits(backend, ids, live)
+        mask = live[:, -1:].to(logits.device)
+        logits = torch.where(mask, got, logits)
+        if hidden is not None:
+            hidden = torch.where(mask.to(hidden.device), backend.hidden()[:, -1].to(hidden.device), hidden)
+        return logits, hidden

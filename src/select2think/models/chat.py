@@ -21,19 +21,25 @@ def eos_ids(tokenizer, model_eos: Iterable[int | list[int] | None] = ()) -> froz
     return frozenset(i for i in ids if i is not None)
 
 
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation ({"role", "content"} turns) ready for the assistant's reply: the chat
+    template when the tokenizer has one, else the turns' contents as raw text, one blank line apart."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"])
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
     """Token ids per prompt: a user turn in the chat template (when the tokenizer has one), else raw text."""
     out = []
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise S2TError("empty prompt: every prompt must contain text")
-        if chat_template and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
+        if chat_template:
+            out.append(encode_chat(tokenizer, [{"role": "user", "content": p}]))
         else:
-            ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        out.append(list(ids))
+            out.append(list(tokenizer(p, add_special_tokens=True)["input_ids"]))
     return out

@@ -1,0 +1,115 @@
+"""Continuous batching: rows that join a running batch between steps decode exactly as they would alone."""
+
+import functools
+import importlib.util
+
+import numpy as np
+import pytest
+
+from select2think import DecodeConfig, generate
+from select2think.decoding.api import Decoder
+from select2think.decoding.calibrate import step_statistics
+from select2think.decoding.state import Arrival, Batch
+from select2think.models.chat import encode_prompts
+
+PROMPTS = ["What is 2+2?", "Tell me a long story about a cat and a dog.", "Hi", "Solve x^2 = 9 for x.", "Name a fruit."]
+
+
+class Script:
+    """Arrivals that offer prompt i once `take` has been called `at[i]` times."""
+
+    def __init__(self, dec, prompts, at):
+        self.dec, self.calls, self.left = dec, 0, []
+        self.waiting = [(t, i, p) for i, (p, t) in enumerate(zip(prompts, at, strict=True))]
+        self.rows = {}
+
+    def take(self, free):
+        self.calls += 1
+        ready = [w for w in self.waiting if w[0] <= self.calls][:free]
+        self.waiting = [w for w in self.waiting if w not in ready]
+        out = []
+        for _, i, p in ready:
+            row = self.dec.row()
+            self.rows[id(row)] = i
+            out.append(Arrival(p, row, 0))
+        return out
+
+    def leave(self, row):
+        self.left.append((self.rows[id(row)], row.finish()))
+
+
+def continuous(pair, cfg, prompts, at, capacity):
+    dec = Decoder(pair, cfg)
+    ids = encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
+    script = Script(dec, ids[1:], at)
+    rows = [dec.row()] + [dec.row().free() for _ in range(capacity - 1)]
+    script.rows[id(rows[0])] = -1
+    batch = Batch(
+        [ids[0]] + [[] for _ in range(capacity - 1)],
+        dec.vocab,
+        dec.policy,
+        rows,
+        [0] * capacity,
+        dec.pad_id,
+        arrivals=script,
+    )
+    rows, _ = dec.run(batch)
+    for row in rows:
+        if not row.vacant:
+            script.leave(row)
+    assert not script.waiting
+    return {i + 1: g.token_ids for i, g in script.left}
+
+
+@pytest.fixture(scope="module")
+def thresholds(tiny_pair):
+    ent = step_statistics(tiny_pair, ["Count to ten."], "entropy", max_new_tokens=30)
+    kl = step_statistics(tiny_pair, ["Count to ten.", "Name a color."], "kl", max_new_tokens=40)
+    return {"entropy": float(np.quantile(ent, 0.7)), "kl": float(np.quantile(kl, 0.8))}
+
+
+CASES = {
+    "greedy": {"policy": "greedy"},
+    "sample": {"policy": "sample", "seed": 3},
+    "llm": {"policy": "llm"},
+    "s2t-lazy": {"policy": "s2t", "trigger": "entropy", "k": 4},
+    "s2t-draft-verify": {"policy": "s2t", "trigger": "kl", "k": 4, "draft_len": 4},
+    "s2t-reference": {"policy": "s2t", "trigger": "kl", "k": 4, "fast": False},
+    "s2t-local": {"policy": "s2t-local", "trigger": "entropy", "k": 4},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rows_joining_mid_decode_match_their_solo_decode(tiny_pair, thresholds, case):
+    kw = dict(CASES[case], max_new_tokens=20)
+    if kw.get("trigger") in thresholds:
+        kw["threshold"] = thresholds[kw["trigger"]]
+    cfg = DecodeConfig(**kw)
+    # prompt 1 joins after 3 steps, 2 and 3 later; with 2 rows, 3 and 4 wait for a row to free up
+    got = continuous(tiny_pair, cfg, PROMPTS, at=[4, 6, 7, 7], capacity=2)
+    solo = [generate(tiny_pair, [p], cfg, batch_size=1).generations[0].token_ids for p in PROMPTS]
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    for i in got:
+        assert got[i] == solo[i], f"prompt {i}"
+
+
+@pytest.mark.parametrize("case", ["greedy", "s2t-lazy", "s2t-local"])
+def test_joining_rows_match_when_the_cache_is_repacked_at_every_admission(tiny_pair, thresholds, case, monkeypatch):
+    from select2think.backends.hf import HFBackend
+
+    monkeypatch.setattr(HFBackend, "repack_slack", 0)
+    test_rows_joining_mid_decode_match_their_solo_decode(tiny_pair, thresholds, case)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("case", ["greedy", "llm", "s2t-lazy"])
+def test_joining_rows_match_on_llamacpp(thresholds, case):
+    pair = llama_pair()
+    test_rows_joining_mid_decode_match_their_solo_decode(pair, thresholds, case)
+
+
+@functools.cache
+def llama_pair():
+    from select2think import load_pair
+
+    return load_pair("tiny-slm", "tiny-llm", backend="llama.cpp")
