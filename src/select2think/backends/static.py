@@ -96,14 +96,17 @@ class StaticHFBackend(HFBackend):
 
     # -- the batch ---------------------------------------------------------------------------------
     def reset(self, batch_size: int) -> None:
-        self.batch_size = batch_size
+        """A batch of the last batch's size reuses its buffers and captured graphs (stale entries are dead)."""
+        if getattr(self, "batch_size", None) != batch_size:
+            self.batch_size = batch_size
+            self._alloc(SlotCache(batch_size, self.min_capacity))
         self.rows = list(range(batch_size))
         self.retired: set[int] = set()
-        self.host_mask = torch.zeros(batch_size, self.min_capacity, dtype=torch.bool)
+        self.host_mask = torch.zeros(batch_size, self.capacity, dtype=torch.bool)
         self.host_lengths = [0] * batch_size
         self.T = 0
+        self.dirty = True
         self._siblings: tuple[list[int], int] | None = None
-        self._alloc(SlotCache(batch_size, self.min_capacity))
         self._reset_counters(batch_size)
 
     def _alloc(self, kv: SlotCache) -> None:
@@ -116,6 +119,7 @@ class StaticHFBackend(HFBackend):
         self.steps: dict[tuple[int, bool, bool], _Step] = {}
         self.pool = None
         self.dirty = True
+        self.captures = 0  # graphs captured so far (a benchmark reports captures inside its timing)
 
     @property
     def capacity(self) -> int:
@@ -284,6 +288,7 @@ class StaticHFBackend(HFBackend):
             with torch.cuda.graph(graph, pool=self.pool):
                 step.out = self._forward(step.ids, step.live, tree, keep_last)
             step.graph = graph
+            self.captures += 1
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
             self.graph_error = f"{type(e).__name__}: {e}"
             step.graph, step.out = None, None
