@@ -96,6 +96,7 @@ class HFBackend(Backend):
     ) -> torch.Tensor | None:
         self._drop_siblings()
         held = self._held()
+        counts = live.sum(1)[self.rows].tolist()  # read before the copy to the device: no synchronisation
         tokens, live = tokens.to(self.device), live.to(self.device)
         if held is not None:
             tokens, live = tokens[held], live[held]
@@ -113,7 +114,7 @@ class HFBackend(Backend):
         self._keep_hidden(out, held)
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
-        self._count(self.rows, live.sum(1).tolist())
+        self._count(self.rows, counts)
         return self._to_batch(out.logits.float(), held) if logits else None
 
     def truncate(self, row: int, length: int) -> None:

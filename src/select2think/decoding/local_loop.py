@@ -93,7 +93,7 @@ def decode_local(
             raw, cand_hidden = scoring.score([active[j] for j in js], cands)
             won = head.pick(cand_lp, cand_hidden)
             tokens[js] = cands.gather(-1, won[:, None]).squeeze(-1).to(tokens.device)
-            picks = {active[j]: int(w) for j, w in zip(js, won, strict=True)}
+            picks = {active[j]: w for j, w in zip(js, won.tolist(), strict=True)}
         kept = raw is not None and len(js) == len(active)  # the sibling forward advanced every active row
         scoring.advance(active, tokens.tolist(), picks if scoring.lagging is not None else {})
         if kept:
