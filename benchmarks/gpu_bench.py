@@ -16,7 +16,7 @@ in the checkout the device tool sends, and named in `carry`):
 (timeout_s 570: runs stop starting after `--budget-s` 390 s; with the install, about 7.5 minutes in all.)
 Here, on the CPU, `python benchmarks/gpu_bench.py --smoke --out /tmp/smoke.json` runs tiny shapes in
 seconds; run it before spending device time.
-"""
+"""  # noqa: E501 - the device command stays one line, to copy as it is
 
 from __future__ import annotations
 
@@ -157,13 +157,13 @@ class Bench:
 
 def policies(thr: dict[str, float]) -> dict[str, dict[str, Any]]:
     return {
-        "greedy": dict(policy="greedy"),
-        "llm": dict(policy="llm"),
-        "s2t-kl99": dict(policy="s2t", trigger="kl", threshold=thr["kl99"]),
-        "s2t-kl90": dict(policy="s2t", trigger="kl", threshold=thr["kl90"]),
-        "s2t-ent90-lazy": dict(policy="s2t", trigger="entropy", threshold=thr["ent90"]),
-        "s2t-local-ent90": dict(policy="s2t-local", trigger="entropy", threshold=thr["ent90"]),
-        "s2t-kl90-reference": dict(policy="s2t", trigger="kl", threshold=thr["kl90"], fast=False),
+        "greedy": {"policy": "greedy"},
+        "llm": {"policy": "llm"},
+        "s2t-kl99": {"policy": "s2t", "trigger": "kl", "threshold": thr["kl99"]},
+        "s2t-kl90": {"policy": "s2t", "trigger": "kl", "threshold": thr["kl90"]},
+        "s2t-ent90-lazy": {"policy": "s2t", "trigger": "entropy", "threshold": thr["ent90"]},
+        "s2t-local-ent90": {"policy": "s2t-local", "trigger": "entropy", "threshold": thr["ent90"]},
+        "s2t-kl90-reference": {"policy": "s2t", "trigger": "kl", "threshold": thr["kl90"], "fast": False},
     }
 
 

@@ -39,7 +39,9 @@ class AdapterOff:
 
 class HFBackend(Backend):
     name = "hf"
-    capabilities = Capabilities(full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True)
+    capabilities = Capabilities(
+        full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True, output_head=True
+    )
 
     def __init__(self, model: Any):
         head = model.get_output_embeddings()
@@ -140,7 +142,7 @@ class HFBackend(Backend):
 
     # -- siblings ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Every held row listed: one tree forward on the cache (K slots per row, dead until kept), so the
         winner needs no further forward. A subset: the listed rows alone score on a view of their cache
         rows (the others would pay K positions each), and `keep_siblings` then feeds the winners."""
@@ -159,17 +161,22 @@ class HFBackend(Backend):
                 cache=self.cache,
                 use_cache=True,
                 output_hidden_states=self.want_hidden,
+                **({} if logits else {"logits_to_keep": 1}),
             )
             self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(feed, dtype=torch.bool)], dim=1)
             back = [self.rows.index(r) for r in rows]
             self._count(self.rows, [K] * len(self.rows))
             self._keep_hidden(out, None, back)
-            return out.logits.float()[back]
-        out = self._peek(rows, cands)
+            return out.logits.float()[back] if logits else None
+        out = self._peek(rows, cands, logits)
         self._peeked = (rows, cands)
-        return out
+        return out if logits else None
 
-    def _peek(self, rows: list[int], cands: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        return head(hidden.to(self.device, self.dtype)).float()
+
+    def _peek(self, rows: list[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor:
         sub = torch.tensor([self._cache_row(r) for r in rows], device=self.device)
         layers: list[Any] = list(self.cache.layers)
         saved = [(layer.keys, layer.values) for layer in layers]
@@ -184,6 +191,7 @@ class HFBackend(Backend):
                 cache=self.cache,
                 use_cache=True,
                 output_hidden_states=self.want_hidden,
+                **({} if logits else {"logits_to_keep": 1}),
             )
         finally:
             for layer, (k, v) in zip(layers, saved, strict=True):

@@ -1,4 +1,4 @@
-"""Load a model behind an engine, and a checked SLM/LLM pair: `load_pair(..., backend="hf" | "hf-static" | "llama.cpp")`."""
+"""Load a model behind an engine (ENGINES), and a checked SLM/LLM pair: `load_pair(..., backend=...)`."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def load_backend(
     source = resolve(name)
     if engine == "llama.cpp":
         if device not in ("auto", "cpu"):
-            raise S2TError(f"--backend llama.cpp runs on the CPU here; --device {device} is for --backend hf or hf-static")
+            raise S2TError(f"--backend llama.cpp runs on the CPU here; --device {device} is for hf or hf-static")
         backend, tokenizer, model_eos = _llamacpp(source, name)
         return backend, tokenizer, source, model_eos
     from .hf import HFBackend

@@ -41,7 +41,9 @@ class SlotCache:
         self.values: dict[int, torch.Tensor] = {}
         self.cols: torch.Tensor | None = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx not in self.keys:
             shape = (self.batch, k.shape[1], self.capacity)
             self.keys[layer_idx] = k.new_zeros((*shape, k.shape[-1]))
@@ -82,7 +84,7 @@ class _Step:
 
 class StaticHFBackend(HFBackend):
     name = "hf-static"
-    capabilities = Capabilities(full_logits=True, hidden_states=True, sibling_scoring=True)
+    capabilities = Capabilities(full_logits=True, hidden_states=True, sibling_scoring=True, output_head=True)
 
     def __init__(self, model: Any, graphs: bool | None = None, capacity: int = MIN_CAPACITY):
         self.min_capacity = capacity
@@ -117,7 +119,7 @@ class StaticHFBackend(HFBackend):
         self.start = torch.zeros((), dtype=torch.long, device=self.device)
         self.arange = torch.arange(max(GRAPH_WIDTHS[-1], 64), device=self.device)
         self.steps: dict[tuple[int, bool, bool], _Step] = {}
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool
         self.dirty = True
         self.captures = 0  # graphs captured so far (a benchmark reports captures inside its timing)
 
@@ -186,7 +188,7 @@ class StaticHFBackend(HFBackend):
 
     # -- siblings ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """One fixed-shape tree step over the whole batch (unlisted rows feed dead siblings): every listed row
         can then keep its winner without a further forward, whichever rows were listed."""
         self._drop_siblings()
@@ -195,12 +197,12 @@ class StaticHFBackend(HFBackend):
         feed = torch.zeros(self.batch_size, K, dtype=torch.long)
         live = torch.zeros(self.batch_size, K, dtype=torch.bool)
         feed[rows], live[rows] = cands.cpu(), True
-        raw, hidden = self._step(feed, live, tree=True, keep_last=False)
+        raw, hidden = self._step(feed, live, tree=True, keep_last=not logits)
         self._siblings = (rows, self.T - K)
         self._count(rows, [K] * len(rows))
         back = torch.tensor(rows, device=self.device)
         self.last_hidden = hidden[back].float() if self.want_hidden and hidden is not None else None
-        return raw[back].float()
+        return raw[back].float() if logits else None
 
     def keep_siblings(self, picks: dict[int, int]) -> None:
         if self._siblings is None:
@@ -219,7 +221,9 @@ class StaticHFBackend(HFBackend):
             self._compact_tail()
 
     # -- the step ----------------------------------------------------------------------------------
-    def _step(self, ids: torch.Tensor, live: torch.Tensor, tree: bool, keep_last: bool):
+    def _step(
+        self, ids: torch.Tensor, live: torch.Tensor, tree: bool, keep_last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Write ids [B, n] at columns T..T+n (after making room) and run the model: (logits, hidden) in
         the model's dtype, the step's own buffers (copy before the next step)."""
         n = ids.shape[1]
@@ -246,7 +250,9 @@ class StaticHFBackend(HFBackend):
                 return step.out
         return self._forward(step.ids, step.live, tree, keep_last, self.want_hidden)
 
-    def _forward(self, ids: torch.Tensor, live: torch.Tensor, tree: bool, keep_last: bool, hidden: bool = True):
+    def _forward(
+        self, ids: torch.Tensor, live: torch.Tensor, tree: bool, keep_last: bool, hidden: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Device work only (capturable): positions, the additive mask [B, 1, n, cap], the model. Returns
         (logits [B, n or 1, V], final hidden states [B, n, H] or None without `hidden`)."""
         B, n = ids.shape
@@ -289,7 +295,7 @@ class StaticHFBackend(HFBackend):
                 step.out = self._forward(step.ids, step.live, tree, keep_last)
             step.graph = graph
             self.captures += 1
-        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
+        except Exception as e:  # any capture failure: the eager step computes the same
             self.graph_error = f"{type(e).__name__}: {e}"
             step.graph, step.out = None, None
 
@@ -302,7 +308,8 @@ class StaticHFBackend(HFBackend):
             capacity = self.capacity
             while self.T + n > capacity * 3 // 4:
                 capacity *= 2
-            self.host_mask = torch.cat([self.host_mask, self.host_mask.new_zeros(self.batch_size, capacity - self.capacity)], 1)
+            more = self.host_mask.new_zeros(self.batch_size, capacity - self.capacity)
+            self.host_mask = torch.cat([self.host_mask, more], 1)
             self._alloc(self.kv.grown(capacity))
 
     def _compact(self) -> None:
