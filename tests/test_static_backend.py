@@ -117,3 +117,55 @@ def test_gpu_bench_smoke_runs_on_the_cpu(tmp_path):
     assert {r["backend"] for r in timed} == {"hf", "hf-static"}
     assert {r["policy"] for r in timed} >= {"greedy", "llm", "s2t-kl90", "s2t-local-ent90", "s2t-kl90-reference"}
     assert report["machine"]["torch"] and report["summary"]
+
+
+@pytest.mark.parametrize("engine", ["hf", "hf-static"])
+def test_local_triggered_steps_apply_the_output_head_to_one_position_per_row(tiny_pair, thresholds, engine):
+    """A triggered step scores K siblings for their hidden states; only the kept winner's next-token logits
+    go through the output head (it was K x V per row, most of the step), and the tokens do not change."""
+    pair = static_pair(tiny_pair) if engine == "hf-static" else tiny_pair
+    cfg = DecodeConfig(policy="s2t-local", trigger="always", max_new_tokens=12)
+    positions = []
+    head = tiny_pair.slm.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, args, out: positions.append(args[0].numel() // args[0].shape[-1]))
+    try:
+        got = generate(pair, PROMPTS[:2], cfg, batch_size=2)
+    finally:
+        hook.remove()
+    ref = generate(tiny_pair, PROMPTS[:2], dataclasses.replace(cfg, fast=False), batch_size=1)
+    assert ids(got) == ids(ref) and got.stats.triggers > 0
+    assert max(positions) <= 2
+
+
+def test_host_reads_per_token_stay_few(thresholds):
+    """Each value read back from the device stalls a GPU's queue: a committed step reads its tokens once,
+    a verified block once. Counted here as calls that read tensors (host-side tensors included)."""
+    from select2think import load_pair
+
+    pair = load_pair("tiny-slm", "tiny-llm", dtype="fp32", device="cpu", backend="hf-static")
+    reads = []
+    names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name):
+        def read(self, *a, **k):
+            reads.append(name)
+            return originals[name](self, *a, **k)
+
+        return read
+
+    per_token = {}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, counting(n))
+        for name, kw in {
+            "greedy": {},
+            "s2t-kl": {"policy": "s2t", "trigger": "kl", "threshold": thresholds["kl"]},
+        }.items():
+            reads.clear()
+            r = generate(pair, PROMPTS, DecodeConfig(max_new_tokens=32, **kw), batch_size=4)
+            per_token[name] = len(reads) / r.stats.generated_tokens
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+    assert per_token["greedy"] <= 1.5 and per_token["s2t-kl"] <= 4.5, per_token
