@@ -25,7 +25,9 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 DTYPE = typer.Option("bf16", help="bf16 | fp32 | fp16")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
-BACKEND = typer.Option("hf", help="engine: hf (transformers) | llama.cpp (GGUF models, CPU, 3-5x faster here)")
+BACKEND = typer.Option(
+    "hf", help="engine: hf (transformers) | hf-static (static cache, CUDA graphs on a GPU) | llama.cpp (GGUF, CPU)"
+)
 LLM_URL = typer.Option(
     None, "--llm-url", help="the LLM on a server: its OpenAI base URL, http://HOST:PORT/v1 (vLLM, `s2t serve`)"
 )

@@ -30,6 +30,7 @@ class Capabilities:
     adapters: bool = False  # LoRA selectors (transformers + peft only)
     selection_only: bool = False  # answers only "which of these K ids comes first?" (`select`): a remote LLM
     admission: bool = False  # `admit`: a row starts over mid-batch (continuous batching)
+    output_head: bool = False  # `head_logits`: siblings can be scored for hidden states alone
 
 
 class Backend(ABC):
@@ -88,11 +89,17 @@ class Backend(ABC):
         raise S2TError(f"the {self.name} backend cannot admit a row mid-batch (continuous batching)")
 
     # -- siblings (S2T-Local) -----------------------------------------------------------------------
-    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Raw logits [R, K, V] of K candidate tokens [R, K] each placed at the next position of its row
-        (each sees the row's prefix and itself). The siblings stay provisional: `keep_siblings` makes one
-        per row the row's next token; any other call first drops them all."""
+        (each sees the row's prefix and itself), or None with `logits=False` (a caller that reads only the
+        siblings' hidden states: the output head over K x V was most of a triggered step's cost). The
+        siblings stay provisional: `keep_siblings` makes one per row the row's next token; any other call
+        first drops them all."""
         raise S2TError(f"the {self.name} backend cannot score sibling candidates")
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Raw logits [N, V] of final hidden states [N, H] (a kept sibling's next-token logits)."""
+        raise S2TError(f"the {self.name} backend cannot apply its output head to hidden states")
 
     def keep_siblings(self, picks: dict[int, int]) -> None:
         """Row r keeps sibling `picks[r]` of the last `score_siblings` as its next token (its length grows

@@ -41,7 +41,7 @@ class HFBackend(Backend):
     name = "hf"
     repack_slack = 64  # dead slots tolerated beyond twice the longest row before `admit` re-packs
     capabilities = Capabilities(
-        full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True, admission=True
+        full_logits=True, hidden_states=True, sibling_scoring=True, adapters=True, admission=True, output_head=True
     )
 
     def __init__(self, model: Any):
@@ -101,6 +101,7 @@ class HFBackend(Backend):
     ) -> torch.Tensor | None:
         self._drop_siblings()
         held = self._held()
+        counts = live.sum(1)[self.rows].tolist()  # read before the copy to the device: no synchronisation
         tokens, live = tokens.to(self.device), live.to(self.device)
         if held is not None:
             tokens, live = tokens[held], live[held]
@@ -118,7 +119,7 @@ class HFBackend(Backend):
         self._keep_hidden(out, held)
         self.slot_mask = attention
         self.lengths = self.lengths + live.long().sum(1)
-        self._count(self.rows, live.sum(1).tolist())
+        self._count(self.rows, counts)
         return self._to_batch(out.logits.float(), held) if logits else None
 
     def truncate(self, row: int, length: int) -> None:
@@ -194,7 +195,7 @@ class HFBackend(Backend):
 
     # -- siblings ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Every held row listed: one tree forward on the cache (K slots per row, dead until kept), so the
         winner needs no further forward. A subset: the listed rows alone score on a view of their cache
         rows (the others would pay K positions each), and `keep_siblings` then feeds the winners."""
@@ -213,17 +214,22 @@ class HFBackend(Backend):
                 cache=self.cache,
                 use_cache=True,
                 output_hidden_states=self.want_hidden,
+                **({} if logits else {"logits_to_keep": 1}),
             )
             self.slot_mask = torch.cat([self.slot_mask, torch.zeros_like(feed, dtype=torch.bool)], dim=1)
             back = [self.rows.index(r) for r in rows]
             self._count(self.rows, [K] * len(self.rows))
             self._keep_hidden(out, None, back)
-            return out.logits.float()[back]
-        out = self._peek(rows, cands)
+            return out.logits.float()[back] if logits else None
+        out = self._peek(rows, cands, logits)
         self._peeked = (rows, cands)
-        return out
+        return out if logits else None
 
-    def _peek(self, rows: list[int], cands: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        return head(hidden.to(self.device, self.dtype)).float()
+
+    def _peek(self, rows: list[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor:
         sub = torch.tensor([self._cache_row(r) for r in rows], device=self.device)
         layers: list[Any] = list(self.cache.layers)
         saved = [(layer.keys, layer.values) for layer in layers]
@@ -238,6 +244,7 @@ class HFBackend(Backend):
                 cache=self.cache,
                 use_cache=True,
                 output_hidden_states=self.want_hidden,
+                **({} if logits else {"logits_to_keep": 1}),
             )
         finally:
             for layer, (k, v) in zip(layers, saved, strict=True):

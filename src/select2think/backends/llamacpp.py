@@ -332,7 +332,8 @@ class LlamaCppBackend(Backend):
 
     # -- siblings ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+    def score_siblings(self, rows: Sequence[int], cands: torch.Tensor, logits: bool = True) -> torch.Tensor:
+        # llama.cpp computes every sibling's logits anyway: they come back whatever `logits` says
         self._drop_siblings()
         rows = list(rows)
         cands = cands.detach().cpu().long()

@@ -1,4 +1,4 @@
-"""Load a model behind an engine, and a checked SLM/LLM pair: `load_pair(..., backend="hf" | "llama.cpp")`."""
+"""Load a model behind an engine (ENGINES), and a checked SLM/LLM pair: `load_pair(..., backend=...)`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .pair import ModelPair
 if TYPE_CHECKING:  # the remote engine (and httpx) load only when a pair has a remote LLM
     from .remote import RemoteConfig
 
-ENGINES = ("hf", "llama.cpp")
+ENGINES = ("hf", "hf-static", "llama.cpp")  # hf-static: transformers on static buffers, CUDA graphs on a GPU
 GGUF_KINDS = ("chunks", "wheel-gguf", "gguf", "tiny")
 
 
@@ -55,14 +55,16 @@ def load_backend(
     source = resolve(name)
     if engine == "llama.cpp":
         if device not in ("auto", "cpu"):
-            raise S2TError(f"--backend llama.cpp runs on the CPU here; --device {device} is for --backend hf")
+            raise S2TError(f"--backend llama.cpp runs on the CPU here; --device {device} is for hf or hf-static")
         backend, tokenizer, model_eos = _llamacpp(source, name)
         return backend, tokenizer, source, model_eos
     from .hf import HFBackend
+    from .static import StaticHFBackend
 
     model, tokenizer, source = load_model(name, dtype=dtype, device=device)
     cfg = getattr(model, "generation_config", None)
-    return HFBackend(model), tokenizer, source, [getattr(cfg, "eos_token_id", None)]
+    backend = StaticHFBackend(model) if engine == "hf-static" else HFBackend(model)
+    return backend, tokenizer, source, [getattr(cfg, "eos_token_id", None)]
 
 
 def load_pair(

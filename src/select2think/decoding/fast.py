@@ -19,7 +19,7 @@ import torch
 from ..backends.base import Backend
 from .lagging import LaggingCache
 from .record import Steps
-from .state import Batch, DecodeStats, RowState, StepView, active_view, commit_step, shaped, totals
+from .state import Batch, DecodeStats, RowState, StepView, active_view, commit_step, shaped, to_host, totals
 
 
 def _retire(finished: list[int], slm: Backend, llm: LaggingCache) -> None:
@@ -47,15 +47,15 @@ def _draft(slm: Backend, batch: Batch, rows: list[RowState], s_logits: torch.Ten
             break
         s_lp = shaped(rows, drafting, s_logits[drafting]).log_softmax(-1)
         keys = [(batch.row_seeds[r], rows[r].step + i) for r in drafting]
-        tok = batch.policy.base.select(s_lp, None, keys)
+        tok = batch.policy.base.select(s_lp, None, keys).tolist()  # one read-back per drafted position
         feed = torch.full((B, 1), batch.pad_id, dtype=torch.long)
         live = torch.zeros((B, 1), dtype=torch.bool)
         for j, r in enumerate(drafting):
-            drafts[r].append(int(tok[j]))
+            drafts[r].append(tok[j])
             s_lps[r].append(s_lp[j])
             if hidden is not None:
                 hids[r].append(hidden[r])
-            feed[r, 0], live[r, 0] = int(tok[j]), True
+            feed[r, 0], live[r, 0] = tok[j], True
         new = batch.next_logits(slm, feed, live)
         s_logits = torch.where(live.to(new.device), new, s_logits)
         hidden = batch.next_hidden(slm, live, hidden)
@@ -73,9 +73,9 @@ def _verify(batch: Batch, rows: list[RowState], drafts, s_lps, l_raw):
     keys = [(batch.row_seeds[r], int(s)) for r, s in zip(flat_rows, steps.tolist(), strict=True)]
     fired, stat = policy.fire(s_lp, l_lp, steps.to(s_lp.device), keys)
     tokens = policy.choose(s_lp, l_lp, fired, keys)
-    flips = (tokens != s_lp.argmax(-1)).tolist()
     seen = (s_lp, l_lp, stat, fired)
-    return tokens.tolist(), fired.tolist(), flips, policy.hits(s_lp, l_lp).tolist(), seen
+    host = to_host(tokens, fired, tokens != s_lp.argmax(-1), policy.hits(s_lp, l_lp))  # the block's one read-back
+    return (*host, seen)
 
 
 def _record(batch: Batch, committed: list[tuple[int, int, int, int, int]], seen, hids) -> None:
@@ -181,8 +181,8 @@ def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[
             h = hidden[view.idx] if hidden is not None else None
             batch.recorder.record(Steps(view.active, view.steps.tolist(), tokens.tolist(), s_lp, l_lp, stat, fired, h))
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
-        for j, r in enumerate(view.active):  # the LLM catches up on these tokens at its next trigger
-            llm.follow(r, int(tokens[j])) if live[r, 0] else llm.forget(r)
+        for r in view.active:  # the LLM catches up on these tokens at its next trigger
+            llm.follow(r, int(feed[r, 0])) if live[r, 0] else llm.forget(r)
         _retire([r for r in view.active if rows[r].done], slm, llm)
         if not live.any():
             continue  # every row finished: the next admit may bring newcomers, else the loop ends

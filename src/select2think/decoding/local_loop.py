@@ -46,16 +46,19 @@ class _Scoring:
         if self.lagging is not None:
             self.lagging.backend.want_hidden = True
 
-    def score(self, rows: list[int], cands: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(raw logits [R, K, V] when the generator itself scored, else None; hidden states [R, K, H])."""
+    def score(self, rows: list[int], cands: torch.Tensor) -> tuple[bool, torch.Tensor | None, torch.Tensor]:
+        """(whether the generator itself scored, so a winner can be kept; its raw logits [R, K, V] or None;
+        hidden states [R, K, H]). An engine with `output_head` is asked for hidden states alone: the output
+        head over K x V positions was most of a triggered step, and only the kept winner's row is needed."""
         if self.scratch is not None:
             hidden = [naive_hidden(self.scratch, self.history[r], c) for r, c in zip(rows, cands.tolist(), strict=True)]
-            return None, torch.stack(hidden)
+            return False, None, torch.stack(hidden)
         if self.lagging is not None:
             self.lagging.sync(rows)
-            self.lagging.backend.score_siblings(rows, cands)
-            return None, self.lagging.backend.hidden()
-        return self.slm.score_siblings(rows, cands), self.slm.hidden()
+            self.lagging.backend.score_siblings(rows, cands, logits=False)
+            return False, None, self.lagging.backend.hidden()
+        raw = self.slm.score_siblings(rows, cands, logits=not self.slm.capabilities.output_head)
+        return True, raw, self.slm.hidden()
 
     def advance(self, rows: list[int], tokens: list[int], picks: dict[int, int]) -> None:
         """Rows emitted `tokens`; `picks` are the rows that fired and the candidate they kept."""
@@ -103,21 +106,21 @@ def decode_local(
         tokens = policy.base.select(s_lp, None, view.keys).clone()
         js = fired.nonzero().flatten().tolist()
         picks: dict[int, int] = {}
-        raw = None
+        on_generator, raw = False, None
         if js:
             cands, cand_lp = head.candidates(s_lp[js])
-            raw, cand_hidden = scoring.score([active[j] for j in js], cands)
+            on_generator, raw, cand_hidden = scoring.score([active[j] for j in js], cands)
             won = head.pick(cand_lp, cand_hidden)
             tokens[js] = cands.gather(-1, won[:, None]).squeeze(-1).to(tokens.device)
-            picks = {active[j]: int(w) for j, w in zip(js, won, strict=True)}
-        kept = raw is not None and len(js) == len(active)  # the sibling forward advanced every active row
+            picks = {active[j]: w for j, w in zip(js, won.tolist(), strict=True)}
+        kept = on_generator and len(js) == len(active)  # the sibling forward advanced every active row
         scoring.advance(active, tokens.tolist(), picks if scoring.lagging is not None else {})
         if kept:
-            assert raw is not None
             slm.keep_siblings(picks)
             n = torch.arange(len(js))
             s_logits = s_logits.clone()
-            s_logits[view.idx] = batch.vocab.text_logits(raw[n, won])
+            winner = raw[n, won] if raw is not None else slm.head_logits(cand_hidden[n, won])
+            s_logits[view.idx] = batch.vocab.text_logits(winner)
             hidden = hidden.clone()
             hidden[view.idx] = cand_hidden[n, won].to(hidden.device)
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), None, batch.pad_id)

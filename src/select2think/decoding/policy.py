@@ -53,8 +53,12 @@ class Policy:
         """Tokens [N]: the selector's where `fired`, else the base chooser's. `picks` [F]: the choices a
         selection-only LLM already made at the fired rows (in place of reading `llm_logp`)."""
         tokens = self.base.select(slm_logp, None, keys)
-        if fired.any() and self.selector is not self.base:
-            idx = fired.nonzero().squeeze(-1)
+        if self.selector is self.base:
+            return tokens
+        if picks is None and self.selector.rowwise and (llm_logp is not None or not self.selector.needs_llm):
+            return torch.where(fired, self.selector.select(slm_logp, llm_logp, keys), tokens)  # stays on the device
+        idx = fired.nonzero().squeeze(-1)
+        if idx.numel():
             tokens = tokens.clone()
             if picks is not None:
                 tokens[idx] = picks.to(tokens.device)

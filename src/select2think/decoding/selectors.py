@@ -13,6 +13,8 @@ class Selector:
     name = "base"
     needs_llm = False
     among_candidates = False  # picks the LLM's favourite of `llm_candidates`: a selection-only LLM can answer it
+    rowwise = False  # a row's answer depends on that row's log-probs alone (no keys, no host work): it may be
+    # computed at every row and kept where a trigger fired, with no read-back of which rows fired
 
     def select(self, slm_logp: torch.Tensor, llm_logp: torch.Tensor | None, keys: list | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -24,6 +26,7 @@ class Selector:
 
 class SLMTop1(Selector):
     name = "slm-top1"
+    rowwise = True
 
     def select(self, slm_logp, llm_logp=None, keys=None):
         return slm_logp.argmax(-1)
@@ -35,6 +38,7 @@ class LLMRestrictedArgmax(Selector):
     name = "s2t"
     needs_llm = True
     among_candidates = True
+    rowwise = True
 
     def __init__(self, k: int = 8):
         self.k = k
@@ -53,6 +57,7 @@ class LLMArgmax(Selector):
 
     name = "takeover"
     needs_llm = True
+    rowwise = True
 
     def select(self, slm_logp, llm_logp=None, keys=None):
         return llm_logp.argmax(-1)

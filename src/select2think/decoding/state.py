@@ -244,18 +244,25 @@ def active_view(rows: list[RowState], s_logits: torch.Tensor, row_seeds) -> Step
     return StepView(active, idx, s_lp, torch.tensor(steps, device=s_lp.device), keys)
 
 
+def to_host(*xs: torch.Tensor) -> list[list[int]]:
+    """Equal-length [N] tensors read back in one transfer: one host synchronisation, not one per value."""
+    dev = xs[0].device
+    return torch.stack([x.to(dev, torch.long) for x in xs]).tolist()
+
+
 def commit_step(rows: list[RowState], view: StepView, tokens, fired, flips, hits, pad_id: int):
     """Commit one token per active row; return the feed [B, 1] and live mask [B, 1] for rows that go on."""
     B = len(rows)
     feed = torch.full((B, 1), pad_id, dtype=torch.long)
     live = torch.zeros((B, 1), dtype=torch.bool)
+    toks, fs, fl, *hs = to_host(tokens, fired, flips, *([hits] if hits is not None else []))
     for j, r in enumerate(view.active):
-        f = bool(fired[j])
-        hit = bool(hits[j]) if (f and hits is not None) else None
-        t = int(tokens[j])
+        f = bool(fs[j])
+        hit = bool(hs[0][j]) if (f and hs) else None
+        t = toks[j]
         if rows[r].top_n is not None:
             rows[r].keep_logprobs(view.slm_logp[j], t)
-        if not rows[r].commit(t, f, bool(flips[j]), hit):
+        if not rows[r].commit(t, f, bool(fl[j]), hit):
             feed[r, 0], live[r, 0] = t, True
     return feed, live
 
