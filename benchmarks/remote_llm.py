@@ -152,11 +152,12 @@ def main() -> None:
     cfg = DecodeConfig(policy="s2t", trigger=meta["trigger"], threshold=thr, k=8, max_new_tokens=args.max_new_tokens)
     ds = load_dataset("gsm_symbolic:dev", limit=max(args.n, args.concurrent))
     out: dict = {"args": vars(args), "trigger": meta["trigger"], "threshold": thr}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_identity:
         out["identity"] = identity(args, cfg, [math_prompt(it.question) for it in ds.items[: args.n]])
+        Path(args.out).write_text(json.dumps(out, indent=2))  # each part as soon as it is measured
     if args.concurrent:
         out["concurrent"] = concurrent(args, cfg, [math_prompt(it.question) for it in ds.items[: args.concurrent]])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print("wrote", args.out)
 
