@@ -82,19 +82,15 @@ def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
+def small_lora(collected, out, **kw) -> TrainConfig:
+    """One quick epoch of LoRA + rows on 12 tiny groups."""
+    base = {"epochs": 1, "max_groups": 12, "dtype": "fp32", "device": "cpu", "lr": 5e-3, "head_lr": 5e-2}
+    return TrainConfig(slm="tiny-slm", groups=str(collected / "groups"), out=str(out), **{**base, **kw})
+
+
 def test_training_moves_only_lora_and_reserved_rows_and_resumes(collected, tmp_path):
     out = tmp_path / "sel"
-    cfg = TrainConfig(
-        slm="tiny-slm",
-        groups=str(collected / "groups"),
-        out=str(out),
-        epochs=1,
-        max_groups=12,
-        dtype="fp32",
-        device="cpu",
-        lr=5e-3,
-        head_lr=5e-2,
-    )
+    cfg = small_lora(collected, out)
     first = run_train(cfg, progress=False)
     assert len(first["history"]) == 2 and 0 <= first["history"][-1]["agree_at_1"] <= 1
     meta = json.loads((out / "selector.json").read_text())
@@ -585,18 +581,7 @@ def test_the_kl_to_base_covers_the_prefix_distribution_and_each_candidate():
 
 def test_lora_validates_every_n_groups_and_keeps_the_best_point(collected, tmp_path):
     out = tmp_path / "sel"
-    cfg = TrainConfig(
-        slm="tiny-slm",
-        groups=str(collected / "groups"),
-        out=str(out),
-        epochs=1,
-        max_groups=12,
-        dtype="fp32",
-        device="cpu",
-        lr=5e-3,
-        head_lr=5e-2,
-        val_every=4,
-    )
+    cfg = small_lora(collected, out, val_every=4)
     res = run_train(cfg, progress=False)
     n_train = json.loads((out / "selector.json").read_text())["train_groups"]
     seen = [h["groups_seen"] for h in res["history"]]

@@ -24,6 +24,9 @@ app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 DTYPE = typer.Option("bf16", help="bf16 | fp32 | fp16")
+SLM = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id")
+LLM = typer.Option(None, help="large model (needed by llm, takeover, s2t)")
+REVERSE_KL = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
 BACKEND = typer.Option(
     "hf", help="engine: hf (transformers) | hf-static (static cache, CUDA graphs on a GPU) | llama.cpp (GGUF, CPU)"
@@ -154,14 +157,14 @@ def _local_selector(
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the question"),
-    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id"),
-    llm: str | None = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
+    slm: str = SLM,
+    llm: str | None = LLM,
     policy: str = typer.Option("greedy", help="greedy | sample | llm | takeover | s2t | s2t-local"),
     k: int = typer.Option(8, help="S2T candidates: the SLM's top-K"),
     trigger: str | None = typer.Option(None, help="never | always | kl | entropy | margin | random | learned"),
     threshold: float | None = typer.Option(None, help="fire when the statistic exceeds this"),
     threshold_file: str | None = typer.Option(None, help="JSON from `s2t calibrate`"),
-    reverse_kl: bool = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)"),
+    reverse_kl: bool = REVERSE_KL,
     max_new_tokens: int = typer.Option(512),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     temperature: float = typer.Option(0.7),
@@ -256,8 +259,8 @@ def generate(
 @app.command()
 def serve(
     model: str | None = typer.Option(None, help="serve this one model (greedy; a remote LLM for another s2t)"),
-    slm: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="small model: name, path or hub id"),
-    llm: str | None = typer.Option(None, help="large model (needed by llm, takeover, s2t)"),
+    slm: str = SLM,
+    llm: str | None = LLM,
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_batch: int = typer.Option(8, help="rows decoded together (requests join and leave between steps)"),
@@ -271,7 +274,7 @@ def serve(
     calibration: list[str] = typer.Option(
         [], help="NAME=FILE: a threshold file requests may name as `calibration` (repeatable)"
     ),
-    reverse_kl: bool = typer.Option(False, help="KL(p_L || p_S) instead of KL(p_S || p_L)"),
+    reverse_kl: bool = REVERSE_KL,
     max_new_tokens: int = typer.Option(512, help="chat's max_tokens when a request gives none"),
     temperature: float = typer.Option(0.7, help="policy sample's temperature when a request gives none"),
     top_p: float = typer.Option(0.95),

@@ -10,23 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .settings import S2TFields
 
 
-class S2TBody(BaseModel):
-    """S2T settings as extra body fields (`extra_body=` in the openai client); absent = the server's default."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    policy: str | None = None
-    k: int | None = None
-    trigger: str | None = None
-    threshold: float | None = None
-    calibration: str | None = None
-    reverse_kl: bool | None = None
-    warmup: int | None = None
+class S2TBody(S2TFields):
+    """The S2T fields of a request body, beside OpenAI's own."""
 
     def s2t(self) -> S2TFields:
-        return S2TFields(
-            self.policy, self.k, self.trigger, self.threshold, self.calibration, self.reverse_kl, self.warmup
-        )
+        return S2TFields(**self.model_dump(include=set(S2TFields.model_fields)))
 
 
 class StreamOptions(BaseModel):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from ..backends.pair import ModelPair
 from ..decoding.calibrate import load_threshold
 from ..decoding.config import POLICIES, DecodeConfig
@@ -68,9 +70,10 @@ class ServeConfig:
         )
 
 
-@dataclass
-class S2TFields:
-    """A request's S2T extra body fields; None means the server's default."""
+class S2TFields(BaseModel):
+    """A request's S2T extra body fields (`extra_body=` in the openai client); None means the server's default."""
+
+    model_config = ConfigDict(extra="ignore")
 
     policy: str | None = None
     k: int | None = None
