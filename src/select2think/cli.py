@@ -289,6 +289,8 @@ def serve(
     backend: str = typer.Option(
         "hf", help="engine: hf | llama.cpp | auto (llama.cpp when installed and every model has a GGUF)"
     ),
+    llm_url: str | None = LLM_URL,
+    llm_model: str | None = LLM_MODEL,
 ):
     """An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .backends import load_pair
@@ -297,13 +299,14 @@ def serve(
     from .serve import ServeConfig, create_app
 
     if model is not None:
-        if llm is not None:
-            raise S2TError("--model serves one model: leave out --llm (or use --slm and --llm)")
+        if llm is not None or llm_url is not None:
+            raise S2TError("--model serves one model: leave out --llm and --llm-url (or use --slm and --llm)")
         slm = model
     if not 1 <= port <= 65535:
         raise S2TError(f"--port must be between 1 and 65535, got {port}")
-    if policy in POLICIES and POLICIES[policy].needs_llm and llm is None:
-        raise S2TError(f"policy {policy!r} needs --llm")
+    llm, remote = _remote_llm(llm, llm_url, llm_model)
+    if policy in POLICIES and POLICIES[policy].needs_llm and llm is None and remote is None:
+        raise S2TError(f"policy {policy!r} needs --llm (or --llm-url)")
     selector, trigger, threshold_file = _local_selector(slm, policy, adapter, trigger, threshold, threshold_file)
     selector = selector or adapter
     calibrations = {}
@@ -331,8 +334,8 @@ def serve(
         max_queue=max_queue,
         model_name=name,
     )
-    engine = fastest_engine(slm, llm) if backend == "auto" else check_engine(backend)
-    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=engine)
+    engine = fastest_engine(slm, None if remote else llm) if backend == "auto" else check_engine(backend)
+    pair = load_pair(slm, llm, dtype=dtype, device=device, backend=engine, remote=remote)
     if selector is not None:
         from .local.selector import apply_selector
 
