@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -15,3 +16,29 @@ def tiny_pair():
 @pytest.fixture(scope="session")
 def tokenizer(tiny_pair):
     return tiny_pair.tokenizer
+
+
+@contextlib.contextmanager
+def running(app):
+    """An ASGI app served by uvicorn on a free loopback port in a thread: yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import running
 from select2think import DecodeConfig, S2TError, generate, load_pair
 from select2think.backends.http import RetryPolicy
 from select2think.backends.remote import RemoteConfig, connect
@@ -304,35 +305,18 @@ def test_eval_with_a_remote_llm_matches_the_in_process_one(tmp_path, srv, entrop
 
 def test_s2t_serve_with_a_remote_llm_answers_as_the_in_process_llm(tiny_pair, srv, entropy_cfg):
     """The whole scale-out path: an OpenAI client -> `s2t serve` (the SLM here) -> the LLM's server."""
-    import socket
-    import threading
-    import time
-
     import openai
-    import uvicorn
 
     from select2think.serve import ServeConfig, create_app
 
     pair = remote_pair(tiny_pair, srv.url)
     srv.clear()  # the connect probes are not selections
-    app = create_app(pair, ServeConfig(**entropy_cfg, max_new_tokens=24))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    with running(create_app(pair, ServeConfig(**entropy_cfg, max_new_tokens=24))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         got = [
             client.chat.completions.create(model="s2t", messages=[{"role": "user", "content": p}], max_tokens=24)
             for p in PROMPTS[:3]
         ]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     ref = generate(tiny_pair, PROMPTS[:3], DecodeConfig(max_new_tokens=24, **entropy_cfg), batch_size=1)
     assert [c.choices[0].message.content for c in got] == ref.texts
     assert sum(c.model_extra["s2t"]["triggers"] for c in got) == ref.stats.triggers > 0

@@ -6,7 +6,6 @@ in-process `generate` on the session's pair, which holds the same weights."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 
@@ -16,6 +15,7 @@ import openai
 import pytest
 import torch
 
+from conftest import running
 from select2think import DecodeConfig, generate, load_pair
 from select2think.cli import main
 from select2think.decoding.calibrate import step_statistics
@@ -26,25 +26,10 @@ PROMPTS = ["What is 2+2?", "Tell me a story.", "Hi", "Solve x^2 = 9 for x.", "Na
 
 @contextlib.contextmanager
 def serving(**settings):
-    import uvicorn
-
     pair = load_pair("tiny-slm", "tiny-llm", dtype="fp32", device="cpu")
     app = create_app(pair, ServeConfig(**settings))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app.state.service
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with running(app) as url:
+        yield url, app.state.service
 
 
 def client(url: str) -> openai.OpenAI:
