@@ -321,3 +321,16 @@ def test_s2t_serve_with_a_remote_llm_answers_as_the_in_process_llm(tiny_pair, sr
     assert [c.choices[0].message.content for c in got] == ref.texts
     assert sum(c.model_extra["s2t"]["triggers"] for c in got) == ref.stats.triggers > 0
     assert len(srv.log) == ref.stats.triggers  # one selection request per trigger (batch 1)
+
+
+def test_s2t_serve_itself_as_the_llm_server(tiny_pair, entropy_cfg):
+    """`s2t serve --model LLM` speaks the dialect the remote backend sends: S2T through it equals the
+    in-process LLM, one selection request per trigger."""
+    from select2think.serve import ServeConfig, create_app
+
+    llm_alone = load_pair("tiny-llm", None, dtype="fp32", device="cpu")
+    with running(create_app(llm_alone, ServeConfig(model_name="tiny-llm"))) as url:
+        got = run(remote_pair(tiny_pair, f"{url}/v1"), **entropy_cfg)
+    ref = run(tiny_pair, **entropy_cfg)
+    assert ids(got) == ids(ref) and ref.stats.triggers > 0
+    assert got.stats.llm_requests == ref.stats.triggers  # batch 1: one request per trigger
