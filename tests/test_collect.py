@@ -257,7 +257,7 @@ def test_head_only_computes_a_problems_groups_in_one_tree_pass_as_each_alone(tmp
     cfg = TrainConfig(slm="tiny-slm", groups=str(out), out="", dtype="fp32")
     slm = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
     model, V = slm.slm_module(), slm.vocab_size
-    for g, (h, lp) in zip(groups, computed(model, groups, V, cfg), strict=True):
+    for g, (h, lp) in zip(groups, computed(model, groups, V, cfg.layout), strict=True):
         ref = candidate_hidden(model, g["context"], g["candidates"], "tree", with_prefix=True)
         assert torch.allclose(h, ref[1:].float(), atol=1e-4)
         assert torch.allclose(lp, prefix_logp(model, ref[:1], torch.tensor([g["candidates"]]), V)[0], atol=1e-4)

@@ -62,7 +62,7 @@ from ..io import (
 )
 from ..models.chat import encode_prompts
 from ..progress import Progress
-from .objective import CONTEXT, group_files, prefix_logp, trajectory_candidate_hidden
+from .objective import CONTEXT, group_files
 
 GROUP_K = 16
 TRAJECTORIES = ("s2t", "slm")
@@ -269,8 +269,10 @@ def collect_batch(
 def candidate_features(pair, ids: list[int], prompt_len: int, groups: list[dict]) -> dict:
     """Head-only training's inputs for the groups whose context is the whole prefix (not cut to CONTEXT
     tokens; the others are left to head_only's own pass): their steps, candidates, the candidates' final
-    hidden states (fp16) and the SLM's log-probs of them, from one tree forward over the trajectory
-    (objective.trajectory_candidate_hidden) per 32 groups instead of one forward over the prefix per group."""
+    hidden states (fp16) and the SLM's log-probs of them, computed as head-only training would
+    (`head_only.computed`: one tree forward over the trajectory per 32 groups)."""
+    from .head_only import computed
+
     model = pair.slm_module()
     whole = [g for g in groups if prompt_len + g["step"] <= CONTEXT]
     H = model.get_output_embeddings().weight.shape[1]
@@ -281,14 +283,12 @@ def candidate_features(pair, ids: list[int], prompt_len: int, groups: list[dict]
             "cand_hidden": np.zeros((0, 0, H), np.float16),
             "cand_logp": np.zeros((0, 0), np.float32),
         }
-    cands = [g["candidates"] for g in whole]
-    hidden, prefix = trajectory_candidate_hidden(model, ids, [prompt_len + g["step"] for g in whole], cands)
-    logp = prefix_logp(model, prefix, torch.tensor(cands), pair.vocab_size)
+    got = computed(model, [dict(g, item="") for g in whole], pair.vocab_size)
     return {
         "cand_steps": np.array([g["step"] for g in whole], np.int64),
-        "cand_ids": np.array(cands, np.int64),
-        "cand_hidden": hidden.float().cpu().numpy().astype(np.float16),
-        "cand_logp": logp.float().cpu().numpy(),
+        "cand_ids": np.array([g["candidates"] for g in whole], np.int64),
+        "cand_hidden": torch.stack([h for h, _ in got]).cpu().numpy().astype(np.float16),
+        "cand_logp": torch.stack([lp for _, lp in got]).float().cpu().numpy(),
     }
 
 

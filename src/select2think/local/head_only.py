@@ -6,7 +6,7 @@ backbone runs once per problem (one tree forward over its trajectory, `computed`
 beside the groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later
 runs reuse it), and each epoch after that is a few small matrix products: many epochs in seconds
 instead of a backbone forward per group per epoch. Groups collected with `s2t collect
---candidate-hidden` (same SLM and dtype) bring their candidates' hidden states along
+--candidate-hidden` (same SLM and dtype, computed by the same function) bring their candidates' hidden states along
 (`CollectedCandidates`). Validation runs every epoch and the best epoch's rows are kept (the
 untrained rows, i.e. greedy, if no epoch beats them), or with `keep="last"` the last epoch's: choose the
 settings by cross-validation on the training problems (benchmarks/head_sweep.py) and the validation
@@ -77,7 +77,9 @@ class CollectedCandidates:
 
 
 @torch.no_grad()
-def computed(model, groups: list[dict], vocab_size: int, cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def computed(
+    model, groups: list[dict], vocab_size: int, layout: str = "tree"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(hidden [K, H] fp32, logp [K]) per group, by the backbone. In the tree layout the groups of one problem
     whose context is their whole prefix (shorter than the CONTEXT cut) share one trajectory, so one
     tree forward per 32 of them (objective.trajectory_candidate_hidden) replaces a forward over the prefix
@@ -85,7 +87,7 @@ def computed(model, groups: list[dict], vocab_size: int, cfg: TrainConfig) -> li
     out: list = [None] * len(groups)
     by_item: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
-        if cfg.layout == "tree" and len(g["context"]) < CONTEXT:
+        if layout == "tree" and len(g["context"]) < CONTEXT:
             by_item.setdefault(g["item"], []).append(i)
     for idx in by_item.values():
         ids = max((groups[i]["context"] for i in idx), key=len)
@@ -97,7 +99,7 @@ def computed(model, groups: list[dict], vocab_size: int, cfg: TrainConfig) -> li
             out[i] = hidden[j].float(), logp[j]
     for i, g in enumerate(groups):
         if out[i] is None:
-            hid = candidate_hidden(model, g["context"], g["candidates"], cfg.layout, with_prefix=True)
+            hid = candidate_hidden(model, g["context"], g["candidates"], layout, with_prefix=True)
             out[i] = hid[1:].float(), prefix_logp(model, hid[:1], torch.tensor([g["candidates"]]), vocab_size)[0]
     return out
 
@@ -123,7 +125,9 @@ def group_features(model, groups: list[dict], vocab_size: int, cfg: TrainConfig,
             if chunk is None or chunk["keys"] != keys:
                 got = [collected(g) for g in part]
                 missing = [i for i, x in enumerate(got) if x is None]
-                for i, x in zip(missing, computed(model, [part[i] for i in missing], vocab_size, cfg), strict=True):
+                for i, x in zip(
+                    missing, computed(model, [part[i] for i in missing], vocab_size, cfg.layout), strict=True
+                ):
                     got[i] = x
                 bar.advance(task, len(part))
                 chunk = {
