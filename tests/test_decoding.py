@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from select2think import DecodeConfig, S2TError, generate
-from select2think.decoding.calibrate import calibrate, load_threshold, step_statistics
+from select2think.decoding.calibrate import calibrate, calibrate_many, load_threshold, quantile_paths, step_statistics
 
 PROMPTS = ["What is 2+2?", "Tell me a long story about a cat and a dog.", "Hi", "Solve x^2 = 9 for x."]
 
@@ -140,6 +140,20 @@ def test_calibration_roundtrip_and_mismatch_checks(tiny_pair, tmp_path):
         calibrate(tiny_pair, ["x"], "kl", 1.0)
 
 
+def test_several_quantiles_from_one_decode_equal_one_at_a_time(tiny_pair):
+    prompts, kw = ["Count to ten.", "Name a color."], {"max_new_tokens": 24}
+    many = calibrate_many(tiny_pair, prompts, "entropy", [0.5, 0.9], **kw)
+    one = [calibrate(tiny_pair, prompts, "entropy", q, **kw) for q in (0.5, 0.9)]
+    assert [c.threshold for c in many] == pytest.approx([c.threshold for c in one])
+    assert many[0].threshold < many[1].threshold and [c.quantile for c in many] == [0.5, 0.9]
+    assert quantile_paths("e{q}.json", [0.9, 0.95]) == ["e0.9.json", "e0.95.json"]
+    assert quantile_paths("e.json", [0.9]) == ["e.json"]
+    with pytest.raises(S2TError, match="need \\{q\\} in --out"):
+        quantile_paths("e.json", [0.9, 0.95])
+    with pytest.raises(S2TError, match="repeats"):
+        quantile_paths("e{q}.json", [0.9, 0.9])
+
+
 def test_cli_refuses_test_split_and_bad_k(capsys):
     from select2think.cli import main
 
@@ -166,6 +180,8 @@ def test_cli_refuses_test_split_and_bad_k(capsys):
     )
     assert "k must be between 1 and 64" in capsys.readouterr().err
     assert main(["calibrate", "--quantile", "1.5", "--out", "x.json"]) == 2
+    assert main(["calibrate", "--quantile", "0.9", "--quantile", "0.95", "--out", "x.json"]) == 2
+    assert "{q}" in capsys.readouterr().err
 
 
 def test_cli_generate_json(capsys, tiny_pair):

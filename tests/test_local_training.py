@@ -6,10 +6,13 @@ from safetensors.torch import load_file
 
 from select2think import DecodeConfig, generate, load_pair
 from select2think.decoding.calibrate import calibrate
+from select2think.decoding.teacher import step_logprobs
+from select2think.decoding.vocab import Vocab
 from select2think.local.collect import CollectConfig, run_collect
 from select2think.local.objective import TrainConfig, candidate_logits, group_loss, load_groups
 from select2think.local.selector import apply_selector
 from select2think.local.train import prepare_model, run_train
+from select2think.models.chat import encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +201,19 @@ def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collec
     assert fast.stats.llm_forwards == 0
     with pytest.raises(Exception, match="train-trigger"):
         generate(tiny_pair, prompts, DecodeConfig(**cfg))
+    # S2T with the learned trigger (no LLM read until it fires): batched lazy path = reference loop, and each
+    # row fires exactly where the head, given teacher-forced log-probs and hidden states, says it should
+    s2t = {**cfg, "policy": "s2t"}
+    lazy = generate(tiny_pair, prompts, DecodeConfig(**s2t), trigger=head, batch_size=2)
+    ref = generate(tiny_pair, prompts, DecodeConfig(fast=False, **s2t), trigger=head, batch_size=1)
+    assert lazy.path == "lazy-llm" and [g.token_ids for g in lazy.generations] == [g.token_ids for g in ref.generations]
+    assert not tiny_pair.slm.want_hidden  # put back after the decode
+    vocab = Vocab.of(tiny_pair)
+    for p_ids, g in zip(encode_prompts(tiny_pair.tokenizer, prompts, True), lazy.generations, strict=True):
+        s_lp, h = step_logprobs(tiny_pair.slm, p_ids, g.token_ids, vocab, hidden=True)
+        stat = head.statistic(s_lp, hidden=h)[3:]  # warm-up 3
+        assert g.triggers == int((stat > thr).sum())
+    assert lazy.stats.triggers > 0 and lazy.stats.llm_forwards > 0
 
 
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_path, monkeypatch):

@@ -352,13 +352,15 @@ def calibrate_cmd(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
     llm: str | None = typer.Option("qwen2.5-coder-1.5b-instruct"),
     trigger: str = typer.Option("kl"),
-    quantile: float = typer.Option(0.99, help="0.99 fires on about 1% of steps"),
+    quantile: list[float] = typer.Option(
+        [0.99], help="0.99 fires on about 1% of steps; repeat it for several files from one decode"
+    ),
     dataset: str = typer.Option("gsm_symbolic:calib", help="never a test split"),
     limit: int = typer.Option(32, help="number of problems"),
     reverse_kl: bool = typer.Option(False),
     max_new_tokens: int = typer.Option(512),
     batch_size: int = typer.Option(8),
-    out: str = typer.Option(..., help="threshold JSON to write"),
+    out: str = typer.Option(..., help="threshold JSON to write; {q} in it is replaced by each quantile"),
     dtype: str = DTYPE,
     device: str = DEVICE,
     backend: str = BACKEND,
@@ -367,10 +369,12 @@ def calibrate_cmd(
     from .backends import load_pair
     from .data.datasets import load_dataset, refuse_test
     from .data.prompts import math_prompt
-    from .decoding.calibrate import calibrate, check_quantile
+    from .decoding.calibrate import calibrate_many, check_quantile, quantile_paths
     from .decoding.triggers import make_trigger
 
-    check_quantile(quantile)
+    for q in quantile:
+        check_quantile(q)
+    paths = quantile_paths(out, quantile)
     if limit < 1:
         raise S2TError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
@@ -378,11 +382,9 @@ def calibrate_cmd(
     needs_llm = make_trigger(trigger).needs_llm
     ds = load_dataset(dataset, limit=limit)
     refuse_test(ds, "calibration")
-    if limit < 1:
-        raise S2TError(f"limit must be >= 1, got {limit}")
     pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device, backend=backend)
     prompts = [math_prompt(i.question) for i in ds.take(limit)]
-    cal = calibrate(
+    cals = calibrate_many(
         pair,
         prompts,
         trigger,
@@ -393,11 +395,12 @@ def calibrate_cmd(
         batch_size=batch_size,
         progress=True,
     )
-    cal.save(out)
-    console.print(
-        f"{trigger} threshold at quantile {quantile}: {cal.threshold:.6g} "
-        f"({cal.n_steps} steps, {cal.n_prompts} prompts) -> {out}"
-    )
+    for cal, path in zip(cals, paths, strict=True):
+        cal.save(path)
+        console.print(
+            f"{trigger} threshold at quantile {cal.quantile}: {cal.threshold:.6g} "
+            f"({cal.n_steps} steps, {cal.n_prompts} prompts) -> {path}"
+        )
 
 
 @app.command("eval")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,9 +143,23 @@ class Decoder:
             return decode_local(pair.slm, scorer, head, batch, fast=cfg.fast)
         if self.path == "draft-verify":
             return decode_draft_verify(pair.slm, pair.require_llm(), batch, draft_len=cfg.draft_len)
-        if self.path == "lazy-llm":
-            return decode_lazy(pair.slm, pair.require_llm(), batch)
-        return decode_reference(pair.slm, pair.llm if batch.policy.needs_llm else None, batch)
+        with hidden_kept(pair.slm, self.policy.trigger.needs_hidden, "the learned trigger"):
+            if self.path == "lazy-llm":
+                return decode_lazy(pair.slm, pair.require_llm(), batch)
+            return decode_reference(pair.slm, pair.llm if batch.policy.needs_llm else None, batch)
+
+
+@contextmanager
+def hidden_kept(backend: Backend, wanted: bool, why: str) -> Iterator[None]:
+    """`backend` keeps its final hidden states for the duration when `wanted` (and as before after it)."""
+    before = backend.want_hidden
+    if wanted:
+        backend.require("hidden_states", why)
+        backend.want_hidden = True
+    try:
+        yield
+    finally:
+        backend.want_hidden = before
 
 
 def generate(
@@ -170,16 +185,11 @@ def generate(
     dec = Decoder(pair, cfg, trigger)
     if recorder is not None and cfg.info.path in ("local", "llm-alone"):
         raise S2TError(f"recording decode steps is not supported for policy {cfg.policy}")
-    if recorder is not None and recorder.wants_hidden:
-        pair.slm.require("hidden_states", "recording hidden states")
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
     seeds = row_seeds if row_seeds is not None else list(range(len(encoded)))
     total = DecodeStats()
     gens: list[Generation] = []
-    hidden_before = pair.slm.want_hidden
-    if recorder is not None and recorder.wants_hidden:
-        pair.slm.want_hidden = True
-    try:
+    with hidden_kept(pair.slm, recorder is not None and recorder.wants_hidden, "recording hidden states"):
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             rec = Offset(recorder, start) if recorder is not None else None
@@ -188,7 +198,4 @@ def generate(
             rows, st = dec.run(batch)
             gens.extend(r.finish() for r in rows)
             total = total + st
-    finally:
-        if recorder is not None and recorder.wants_hidden:
-            pair.slm.want_hidden = hidden_before
     return GenerateResult([g.text for g in gens], gens, total, cfg, dec.path)

@@ -119,27 +119,60 @@ def calibrate(
     progress: bool = False,
 ) -> Calibration:
     """`progress`: report each batch (a bar on a terminal, a plain line every 30 s elsewhere)."""
-    check_quantile(quantile)
+    args = (dataset, reverse_kl, warmup, max_new_tokens, batch_size, progress)
+    return calibrate_many(pair, prompts, trigger, [quantile], *args)[0]
+
+
+def calibrate_many(
+    pair: ModelPair,
+    prompts: list[str],
+    trigger: str,
+    quantiles: list[float],
+    dataset: str = "",
+    reverse_kl: bool = False,
+    warmup: int = 3,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[Calibration]:
+    """One threshold per quantile, all from one decode of the calibration prompts."""
+    for q in quantiles:
+        check_quantile(q)
     if trigger in ("never", "always"):
         raise S2TError(f"trigger {trigger!r} has no threshold to calibrate")
     args = (trigger, reverse_kl, warmup, max_new_tokens, batch_size)
     values = _in_batches(pair, prompts, args) if progress else step_statistics(pair, prompts, *args)
     values = values[np.isfinite(values)]
-    threshold = float(np.quantile(values, quantile)) if trigger != "random" else float(quantile)
-    return Calibration(
-        trigger,
-        quantile,
-        threshold,
-        pair.slm_name,
-        pair.llm_name if trigger == "kl" else "",
-        reverse_kl,
-        warmup,
-        dataset,
-        len(prompts),
-        int(values.size),
-        max_new_tokens,
-        time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return [
+        Calibration(
+            trigger,
+            q,
+            float(np.quantile(values, q)) if trigger != "random" else float(q),
+            pair.slm_name,
+            pair.llm_name if trigger == "kl" else "",
+            reverse_kl,
+            warmup,
+            dataset,
+            len(prompts),
+            int(values.size),
+            max_new_tokens,
+            created,
+        )
+        for q in quantiles
+    ]
+
+
+def quantile_paths(out: str, quantiles: list[float]) -> list[str]:
+    """Where each quantile's file goes: `out` itself for one, `out` with {q} filled in for several."""
+    if len(quantiles) == 1 and "{q}" not in out:
+        return [out]
+    if "{q}" not in out:
+        raise S2TError(f"several quantiles need {{q}} in --out (e.g. entropy_q{{q}}.json), got {out!r}")
+    paths = [out.replace("{q}", f"{q:g}") for q in quantiles]
+    if len(set(paths)) != len(paths):
+        raise S2TError(f"--quantile repeats a value: {', '.join(f'{q:g}' for q in quantiles)}")
+    return paths
 
 
 def load_threshold(path: str | Path, trigger: str, slm: str, llm: str | None, reverse_kl: bool = False) -> float:

@@ -62,8 +62,8 @@ class DecodeConfig:
             raise S2TError(f"warmup must be >= 0, got {self.warmup}")
         if not 1 <= self.draft_len <= 256:
             raise S2TError(f"draft_len must be between 1 and 256, got {self.draft_len}")
-        if self.trigger == "learned" and self.policy != "s2t-local":
-            raise S2TError("the learned trigger is for s2t-local")
+        if self.trigger == "learned" and self.policy not in ("s2t", "takeover", "s2t-local"):
+            raise S2TError("the learned trigger is for s2t, takeover and s2t-local")
         if self.policy == "s2t-local" and self.trigger == "kl":
             raise S2TError("s2t-local never runs the LLM: use an SLM-only trigger (entropy, margin, random, always)")
         if (

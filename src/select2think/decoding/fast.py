@@ -173,12 +173,12 @@ def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[
         if (view := active_view(rows, s_logits, batch.row_seeds)) is None:
             break
         s_lp = view.slm_logp
-        fired, stat = policy.fire(s_lp, None, view.steps, view.keys)
+        h = hidden[view.idx] if hidden is not None else None
+        fired, stat = policy.fire(s_lp, None, view.steps, view.keys, h)
         l_lp, picks = _ask_llm(llm, batch, view, fired) if fired.any() else (None, None)
         tokens = policy.choose(s_lp, l_lp, fired, view.keys, picks)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
         if batch.recorder is not None:
-            h = hidden[view.idx] if hidden is not None else None
             batch.recorder.record(Steps(view.active, view.steps.tolist(), tokens.tolist(), s_lp, l_lp, stat, fired, h))
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
         for r in view.active:  # the LLM catches up on these tokens at its next trigger

@@ -35,11 +35,11 @@ def decode_reference(
             break
         s_lp = view.slm_logp
         l_lp = l_logits[view.idx].log_softmax(-1) if l_logits is not None else None
-        fired, stat = policy.fire(s_lp, l_lp, view.steps, view.keys)
+        h = hidden[view.idx] if hidden is not None else None
+        fired, stat = policy.fire(s_lp, l_lp, view.steps, view.keys, h)
         tokens = policy.choose(s_lp, l_lp, fired, view.keys)
         hits = policy.hits(s_lp, l_lp) if l_lp is not None else None
         if rec is not None:
-            h = hidden[view.idx] if hidden is not None else None
             rec.record(Steps(view.active, view.steps.tolist(), tokens.tolist(), s_lp, l_lp, stat, fired, h))
         feed, live = commit_step(rows, view, tokens, fired, tokens != s_lp.argmax(-1), hits, batch.pad_id)
         finished = [r for r in view.active if rows[r].done]

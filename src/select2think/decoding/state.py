@@ -306,10 +306,11 @@ class Batch:
 
     @property
     def wants_hidden(self) -> bool:
-        return self.recorder is not None and self.recorder.wants_hidden
+        """The recorder keeps the SLM's hidden states, or the trigger reads them (a learned trigger)."""
+        return (self.recorder is not None and self.recorder.wants_hidden) or self.policy.trigger.needs_hidden
 
     def start_hidden(self, backend: Backend) -> torch.Tensor | None:
-        """After `start`: the final hidden states [B, H] at each prompt's last token, if the recorder wants them."""
+        """After `start`: the final hidden states [B, H] at each prompt's last token, if they are wanted."""
         return backend.hidden()[:, -1] if self.wants_hidden else None
 
     def next_hidden(self, backend: Backend, live: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor | None:
