@@ -13,7 +13,7 @@ from select2think.cli import main
 from select2think.decoding.teacher import step_logprobs
 from select2think.decoding.triggers import KLTrigger, step_features
 from select2think.decoding.vocab import Vocab
-from select2think.local.collect import CONTEXT, CollectConfig, collect_batch, parse_shard, run_collect
+from select2think.local.collect import CONTEXT, CollectConfig, collect_batch, collect_rows, parse_shard, run_collect
 from select2think.local.objective import group_files, load_groups
 from select2think.models.chat import encode_prompts
 
@@ -92,6 +92,22 @@ def test_slm_trajectory_is_greedy_and_its_groups_equal_the_two_pass_method(tiny_
     greedy = generate(tiny_pair, [""] * len(prompt_ids), DecodeConfig(max_new_tokens=24), prompt_ids=prompt_ids)
     assert [g.token_ids for g in greedy.generations] == [gen for gen, _, _ in got]
     assert _assert_same(tiny_pair, prompt_ids, got) > 5
+
+
+@pytest.mark.parametrize("trajectory", ["s2t", "slm"])
+def test_rows_refilled_mid_decode_record_the_same_groups(tiny_pair, prompt_ids, trajectory):
+    """Two rows for four problems: each finished row's slot takes the next problem, its groups handed over
+    at once, and every problem's groups still equal the two-pass method's on its trajectory."""
+    cfg = _cfg(trajectory=trajectory, k=16)
+    order, got = [], {}
+
+    def keep(r, collected):
+        order.append(r)
+        got[r] = collected
+
+    collect_rows(tiny_pair, prompt_ids, cfg, THRESHOLD, keep, batch_size=2)
+    assert sorted(order) == [0, 1, 2, 3]
+    assert _assert_same(tiny_pair, prompt_ids, [got[r] for r in range(4)]) > 5
 
 
 def test_a_recorder_sees_every_committed_step_once_in_order(tiny_pair, prompt_ids):

@@ -113,3 +113,37 @@ def llama_pair():
     from select2think import load_pair
 
     return load_pair("tiny-slm", "tiny-llm", backend="llama.cpp")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_refills_finished_rows_and_matches_fixed_batches(tiny_pair, thresholds, case):
+    kw = dict(CASES[case], max_new_tokens=16)
+    if kw.get("trigger") in thresholds:
+        kw["threshold"] = thresholds[kw["trigger"]]
+    cfg = DecodeConfig(**kw)
+    seen = []
+    got = generate(tiny_pair, PROMPTS, cfg, batch_size=2, on_finish=lambda i, g: seen.append((i, g.token_ids)))
+    fixed = generate(tiny_pair, PROMPTS, cfg, batch_size=1, continuous=False)
+    assert [g.token_ids for g in got.generations] == [g.token_ids for g in fixed.generations]
+    assert sorted(i for i, _ in seen) == list(range(len(PROMPTS)))  # each prompt handed over once, as it ends
+    assert all(tokens == got.generations[i].token_ids for i, tokens in seen)
+    for name in ("generated_tokens", "triggers", "flips"):
+        assert getattr(got.stats, name) == getattr(fixed.stats, name), name
+
+
+def test_a_recorder_under_refill_sees_each_prompts_own_index(tiny_pair):
+    class Tokens:
+        wants_hidden = False
+
+        def __init__(self):
+            self.seen = {}
+
+        def record(self, steps):
+            for r, s, t in zip(steps.rows, steps.steps, steps.tokens, strict=True):
+                self.seen[(r, s)] = t
+
+    rec = Tokens()
+    res = generate(tiny_pair, PROMPTS, DecodeConfig(policy="greedy", max_new_tokens=12), batch_size=2, recorder=rec)
+    for i, g in enumerate(res.generations):
+        assert [rec.seen[(i, s)] for s in range(len(g.token_ids))] == g.token_ids
+    assert len(rec.seen) == sum(len(g.token_ids) for g in res.generations)

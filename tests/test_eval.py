@@ -258,3 +258,31 @@ def test_a_resumed_run_without_the_llm_keeps_its_size_for_the_compute_column(tmp
     assert [(i["policies"], i["batch_size"]) for i in cfg["invocations"]] == [(["llm"], 8), (["greedy"], 1)]
     llm = build_report(tmp_path)["policies"]["llm"]
     assert llm["compute_vs_greedy"] > 0
+
+
+def test_each_item_is_written_as_its_last_row_ends(tiny_pair, monkeypatch):
+    """With more items than rows, items leave the batch one by one: a failure later in the run keeps them."""
+    import select2think.eval.runner as runner
+    from select2think.data.datasets import load_dataset
+    from select2think.eval.runner import EvalConfig, parse_policy, run_policy_on_items
+
+    items = load_dataset("gsm8k", limit=5).take(5)
+    cfg = EvalConfig(slm="tiny-slm", llm=None, dataset="gsm8k", out="unused", max_new_tokens=10, batch_size=4)
+    rows_done, written = [], []
+    real = runner.generate
+
+    def failing_after_six_rows(*a, on_finish, **kw):
+        def hand_over(i, gen):
+            if len(rows_done) == 6:
+                raise RuntimeError("the machine went away")
+            rows_done.append(i)
+            on_finish(i, gen)
+
+        return real(*a, on_finish=hand_over, **kw)
+
+    monkeypatch.setattr(runner, "generate", failing_after_six_rows)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_policy_on_items(tiny_pair, parse_policy("maj@2"), cfg, items, None, on_item=written.append)
+    complete = {i // 2 for i in rows_done if rows_done.count(i - i % 2) + rows_done.count(i - i % 2 + 1) == 2}
+    assert {r["item"] for r in written} == {items[n].id for n in complete} and written
+    assert all(len(r["answers"]) == 2 and r["stats"]["wall_time_s"] >= 0 for r in written)

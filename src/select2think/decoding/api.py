@@ -16,6 +16,7 @@ from .fast import decode_draft_verify, decode_lazy
 from .local_loop import decode_local
 from .local_scorer import ReservedHead
 from .loop import decode_reference
+from .offline import PromptQueue
 from .policy import Policy
 from .record import Offset, StepRecorder
 from .state import Batch, DecodeStats, Generation, RowState
@@ -172,10 +173,15 @@ def generate(
     on_commit: Callable[[RowState], None] | None = None,
     trigger: Trigger | None = None,
     recorder: StepRecorder | None = None,
+    on_finish: Callable[[int, Generation], None] | None = None,
+    continuous: bool = True,
     **overrides: Any,
 ) -> GenerateResult:
     """Decode `prompts` with the configured policy. Batched output equals unbatched output.
 
+    With more prompts than `batch_size` and `continuous` (on engines that admit rows mid-batch), a finished
+    row's slot takes the next prompt at once (decoding.offline); otherwise prompts go in fixed batches.
+    `on_finish(i, generation)` is called as prompt i's row finishes.
     `recorder` (decoding.record) sees every committed step: its row (the prompt's index), step, token,
     both models' log-probs, the trigger statistic, whether it fired, and (if it `wants_hidden`) the SLM's
     final hidden state. The SLM-proposer paths support it (reference, draft-verify, lazy-llm)."""
@@ -187,15 +193,51 @@ def generate(
         raise S2TError(f"recording decode steps is not supported for policy {cfg.policy}")
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
     seeds = row_seeds if row_seeds is not None else list(range(len(encoded)))
-    total = DecodeStats()
-    gens: list[Generation] = []
+    refill = continuous and len(encoded) > batch_size and all(b.capabilities.admission for b in dec.backends)
     with hidden_kept(pair.slm, recorder is not None and recorder.wants_hidden, "recording hidden states"):
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            rec = Offset(recorder, start) if recorder is not None else None
-            rows = [dec.row(on_commit=on_commit) for _ in chunk]
-            batch = Batch(chunk, dec.vocab, dec.policy, rows, seeds[start : start + batch_size], dec.pad_id, rec)
-            rows, st = dec.run(batch)
-            gens.extend(r.finish() for r in rows)
-            total = total + st
+        if refill:
+            queue = PromptQueue(encoded, seeds, lambda: dec.row(on_commit=on_commit), on_finish)
+            gens, total = _continuous(dec, queue, batch_size, recorder)
+        else:
+            gens, total = _fixed(dec, encoded, seeds, batch_size, on_commit, on_finish, recorder)
     return GenerateResult([g.text for g in gens], gens, total, cfg, dec.path)
+
+
+def _fixed(
+    dec: Decoder,
+    encoded: list[list[int]],
+    seeds: list,
+    size: int,
+    on_commit: Callable[[RowState], None] | None,
+    on_finish: Callable[[int, Generation], None] | None,
+    recorder: StepRecorder | None,
+) -> tuple[list[Generation], DecodeStats]:
+    """The prompts in consecutive batches of `size`, each decoded to its last row's end."""
+    total, gens = DecodeStats(), []
+    for start in range(0, len(encoded), size):
+        chunk = encoded[start : start + size]
+        rec = Offset(recorder, start) if recorder is not None else None
+        rows = [dec.row(on_commit=on_commit) for _ in chunk]
+        rows, st = dec.run(Batch(chunk, dec.vocab, dec.policy, rows, seeds[start : start + size], dec.pad_id, rec))
+        for r in rows:
+            gens.append(r.finish())
+            if on_finish is not None:
+                on_finish(len(gens) - 1, gens[-1])
+        total = total + st
+    return gens, total
+
+
+def _continuous(
+    dec: Decoder, queue: PromptQueue, size: int, recorder: StepRecorder | None
+) -> tuple[list[Generation], DecodeStats]:
+    """Every prompt of `queue` through one continuous batch of `size` slots."""
+
+    def make(prompts: list[list[int]], rows: list[RowState], seeds: list) -> Batch:
+        return Batch(prompts, dec.vocab, dec.policy, rows, seeds, dec.pad_id)
+
+    rows, stats = dec.run(queue.batch(size, make, recorder))
+    for row in rows:
+        if not row.vacant:
+            queue.leave(row)
+    gens = [queue.done[i] for i in range(len(queue.prompts))]
+    return gens, stats.with_rows(gens)  # the loop counted only the rows still in the batch at its end

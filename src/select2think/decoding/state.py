@@ -64,6 +64,13 @@ class DecodeStats:
                 setattr(stats, f.name, sum(getattr(g, f.name) for g in gens))
         return stats
 
+    def with_rows(self, gens: Sequence[Generation]) -> DecodeStats:
+        """These whole-call counters with the per-row ones (tokens, triggers, flips, hits) of `gens`."""
+        own = DecodeStats.of_rows(gens)
+        for name in ("generated_tokens", "triggers", "flips", "hits", "hit_checked"):
+            setattr(self, name, getattr(own, name))
+        return self
+
     def __add__(self, other: DecodeStats) -> DecodeStats:
         return DecodeStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
@@ -206,11 +213,8 @@ def totals(rows: list[RowState], t0: float, slm: Sequence[Backend] = (), llm: Se
             stats.llm_requests += b.requests if role == "llm" else 0
     for i, r in enumerate(rows):
         charge(r, i, slm, llm)
-    own = DecodeStats.of_rows([r.gen for r in rows])
-    for name in ("generated_tokens", "triggers", "flips", "hits", "hit_checked"):
-        setattr(stats, name, getattr(own, name))
     stats.wall_time_s = time.perf_counter() - t0
-    return stats
+    return stats.with_rows([r.gen for r in rows])
 
 
 @dataclass

@@ -285,9 +285,11 @@ COST_KEYS = (
 
 
 def run_policy_on_items(
-    pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None, trigger=None
+    pair, spec: PolicySpec, cfg: EvalConfig, items, threshold: float | None, trigger=None, on_item=None
 ) -> list[dict]:
-    """Decode a batch of items (spec.samples rows each) and grade them; one result dict per item."""
+    """Decode items (spec.samples rows each, `cfg.batch_size` rows at a time, a finished row's slot taking
+    the next waiting row) and grade them: one result dict per item, each also handed to `on_item` as soon
+    as its last row ends, so a stopped run keeps every finished item."""
     dcfg = DecodeConfig(
         policy=spec.policy,
         k=cfg.k,
@@ -301,33 +303,52 @@ def run_policy_on_items(
     )
     prompts = [math_prompt(it.question) for it in items for _ in range(spec.samples)]
     seeds = [(item_seed(cfg.seed, it.id), j) for it in items for j in range(spec.samples)]
-    res = generate(pair, prompts, dcfg, batch_size=len(prompts), row_seeds=seeds, trigger=trigger)
-    out = []
-    for n, it in enumerate(items):
-        gens = res.generations[n * spec.samples : (n + 1) * spec.samples]
-        answers = [extract_answer(g.text) for g in gens]
-        if spec.samples > 1:
-            pred = majority(answers)
-            extra = {"answers": answers, "pass_at_k": pass_at_k(answers, it.answer)}
-        else:
-            pred, extra = answers[0], {"text": gens[0].text}
-        stats = {
-            k: sum(getattr(g, k) if k != "generated_tokens" else len(g.token_ids) for g in gens) for k in COST_KEYS
-        }
-        stats["wall_time_s"] = res.stats.wall_time_s * spec.samples / len(prompts)
-        out.append(
-            {
-                "item": it.id,
-                "policy": spec.label,
-                "gold": it.answer,
-                "prediction": pred,
-                "correct": is_correct(pred, it.answer),
-                "finish": [g.finish_reason for g in gens],
-                "stats": stats,
-                **extra,
-            }
-        )
+    gens: dict[int, list] = {n: [] for n in range(len(items))}
+    out: list[dict] = []
+    clock = [time.perf_counter()]
+
+    def finished(i: int, gen) -> None:
+        n = i // spec.samples
+        gens[n].append((i, gen))
+        if len(gens[n]) == spec.samples:
+            now = time.perf_counter()  # the time since the previous item ended: items' times sum to the run's
+            out.append(grade(spec, items[n], [g for _, g in sorted(gens.pop(n), key=lambda x: x[0])], now - clock[0]))
+            clock[0] = now
+            if on_item is not None:
+                on_item(out[-1])
+
+    generate(
+        pair,
+        prompts,
+        dcfg,
+        batch_size=max(cfg.batch_size, spec.samples),
+        row_seeds=seeds,
+        trigger=trigger,
+        on_finish=finished,
+    )
     return out
+
+
+def grade(spec: PolicySpec, item, gens: list, wall_time_s: float) -> dict:
+    """One item's result line from its spec.samples generations."""
+    answers = [extract_answer(g.text) for g in gens]
+    if spec.samples > 1:
+        pred = majority(answers)
+        extra = {"answers": answers, "pass_at_k": pass_at_k(answers, item.answer)}
+    else:
+        pred, extra = answers[0], {"text": gens[0].text}
+    stats = {k: sum(getattr(g, k) if k != "generated_tokens" else len(g.token_ids) for g in gens) for k in COST_KEYS}
+    stats["wall_time_s"] = wall_time_s
+    return {
+        "item": item.id,
+        "policy": spec.label,
+        "gold": item.answer,
+        "prediction": pred,
+        "correct": is_correct(pred, item.answer),
+        "finish": [g.finish_reason for g in gens],
+        "stats": stats,
+        **extra,
+    }
 
 
 def warn_long_prompts(pair, items, max_new_tokens: int) -> None:
@@ -401,13 +422,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         with Progress(f"eval {cfg.dataset}", total, total - len(todo), progress) as bar, open_resume(results) as f:
             for spec in specs:
                 pending = [it for it, s in todo if s is spec]
-                per_batch = max(1, cfg.batch_size // spec.samples)
-                for start in range(0, len(pending), per_batch):
-                    chunk = pending[start : start + per_batch]
-                    for row in run_policy_on_items(
-                        pairs[spec.label], spec, cfg, chunk, thresholds.get(spec.label), heads.get(spec.label)
-                    ):
-                        append_line(f, {**row, "inputs": keys[spec.label]} if keys[spec.label] else row)
+
+                def write(row: dict, spec: PolicySpec = spec) -> None:
+                    append_line(f, {**row, "inputs": keys[spec.label]} if keys[spec.label] else row)
                     sync(f)
-                    bar.advance(len(chunk))
+                    bar.advance(1)
+
+                pair_, thr, head = pairs[spec.label], thresholds.get(spec.label), heads.get(spec.label)
+                run_policy_on_items(pair_, spec, cfg, pending, thr, head, on_item=write)
     return out

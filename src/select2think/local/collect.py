@@ -33,6 +33,7 @@ a rerun into the same directory under other settings.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from ..data.prompts import math_prompt
 from ..decoding import DecodeConfig, generate
 from ..decoding.calibrate import load_threshold
 from ..decoding.record import Steps
+from ..decoding.state import Generation
 from ..decoding.teacher import step_logprobs
 from ..decoding.triggers import TOP_SUPPORT, KLTrigger, step_features
 from ..decoding.vocab import Vocab
@@ -166,7 +168,7 @@ class GroupRecorder:
 
     def __init__(self, n_rows: int, k: int):
         self.k = k
-        self.rows: list[dict[str, list]] = [
+        self.rows: list[dict[str, list] | None] = [
             {n: [] for n in ("step", "top_i", "top_p", "sup_i", "sup_p", "llm", "stat", "feat", "hidden")}
             for _ in range(n_rows)
         ]
@@ -187,6 +189,7 @@ class GroupRecorder:
         }
         for j, r in enumerate(s.rows):
             row = self.rows[r]
+            assert row is not None, f"row {r} recorded after it finished"
             row["step"].append(s.steps[j])
             for name, value in parts.items():
                 row[name].append(value[j] if value is not None else None)
@@ -203,7 +206,9 @@ class GroupRecorder:
     ) -> tuple[list[dict], dict]:
         """(groups, features) of one row. `llm_logp` [T, V]: the LLM's teacher-forced log-probs (the slm
         trajectory); without it the LLM's log-probs recorded during the decode are used (s2t)."""
-        rec = self.rows[row]
+        rec, self.rows[row] = self.rows[row], None  # a finished row's steps are not needed again
+        if rec is None:
+            raise RuntimeError(f"row {row} was finished already")
         if rec["step"] != list(range(len(gen))):
             raise RuntimeError(f"row {row}: recorded steps {rec['step'][:8]}... do not cover the {len(gen)} generated")
         top_i, top_p = torch.stack(rec["top_i"]), torch.stack(rec["top_p"])
@@ -245,25 +250,53 @@ def decode_config(cfg: CollectConfig, threshold: float) -> DecodeConfig:
     )
 
 
+Collected = tuple[list[int], list[dict], dict]  # a problem's generated ids, groups and features
+
+
 def collect_batch(
     pair, prompt_ids: list[list[int]], cfg: CollectConfig, threshold: float, dcfg: DecodeConfig | None = None
-) -> list[tuple[list[int], list[dict], dict]]:
+) -> list[Collected]:
     """Decode a batch of prompts (token ids) and return per prompt (generated ids, groups, features)."""
+    out: dict[int, Collected] = {}
+    collect_rows(pair, prompt_ids, cfg, threshold, out.__setitem__, len(prompt_ids), dcfg)
+    return [out[r] for r in range(len(prompt_ids))]
+
+
+def collect_rows(
+    pair,
+    prompt_ids: list[list[int]],
+    cfg: CollectConfig,
+    threshold: float,
+    on_problem: Callable[[int, Collected], None],
+    batch_size: int,
+    dcfg: DecodeConfig | None = None,
+) -> None:
+    """Decode prompts `batch_size` rows at a time, a finished row's slot taking the next prompt, and hand
+    each problem's (generated ids, groups, features) to `on_problem` as soon as its row ends. The slm
+    trajectory's teacher-forced LLM pass runs then too: the greedy decode never touches the LLM."""
     dcfg = dcfg or decode_config(cfg, threshold)
     rec = GroupRecorder(len(prompt_ids), cfg.k)
     rec.wants_hidden = pair.slm.capabilities.hidden_states
-    res = generate(pair, [""] * len(prompt_ids), dcfg, prompt_ids=prompt_ids, batch_size=len(prompt_ids), recorder=rec)
     vocab = Vocab.of(pair)
-    out = []
-    for r, (p_ids, g) in enumerate(zip(prompt_ids, res.generations, strict=True)):
-        l_lp = None
+
+    def finished(r: int, g: Generation) -> None:
+        p_ids, l_lp = prompt_ids[r], None
         if cfg.trajectory == "slm":
             l_lp, _ = step_logprobs(pair.require_llm(), p_ids, g.token_ids, vocab)
         groups, feats = rec.finish(r, p_ids, g.token_ids, threshold, cfg.warmup, l_lp)
         if cfg.candidate_hidden:
             feats.update(candidate_features(pair, p_ids + g.token_ids, len(p_ids), groups))
-        out.append((g.token_ids, groups, feats))
-    return out
+        on_problem(r, (g.token_ids, groups, feats))
+
+    generate(
+        pair,
+        [""] * len(prompt_ids),
+        dcfg,
+        prompt_ids=prompt_ids,
+        batch_size=batch_size,
+        recorder=rec,
+        on_finish=finished,
+    )
 
 
 def candidate_features(pair, ids: list[int], prompt_len: int, groups: list[dict]) -> dict:
@@ -317,14 +350,15 @@ def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:
         dcfg = decode_config(cfg, threshold)
         desc = "collect" if n == 1 else f"collect shard {i}/{n}"
         with Progress(desc, len(mine), len(mine) - len(items), progress) as bar, open_resume(path) as f:
-            for start in range(0, len(items), cfg.batch_size):
-                chunk = items[start : start + cfg.batch_size]
-                prompt_ids = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in chunk], True)
-                done_batch = collect_batch(pair, prompt_ids, cfg, threshold, dcfg)
-                for it, (_, groups, feats) in zip(chunk, done_batch, strict=True):
-                    with atomic_path(out / "features" / f"{it.id}.npz") as tmp, open(tmp, "wb") as fz:
-                        np.savez_compressed(fz, **feats)
-                    append_line(f, {"item": it.id, "groups": groups})
+
+            def write(r: int, got: Collected) -> None:
+                _, groups, feats = got
+                with atomic_path(out / "features" / f"{items[r].id}.npz") as tmp, open(tmp, "wb") as fz:
+                    np.savez_compressed(fz, **feats)
+                append_line(f, {"item": items[r].id, "groups": groups})
                 sync(f)
-                bar.advance(len(chunk))
+                bar.advance(1)
+
+            prompt_ids = encode_prompts(pair.tokenizer, [math_prompt(it.question) for it in items], True)
+            collect_rows(pair, prompt_ids, cfg, threshold, write, cfg.batch_size, dcfg)
     return out
