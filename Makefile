@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 export S2T_CACHE ?= $(HOME)/.cache/select2think
 
-.PHONY: install models llama demo test test-fast lint bench eval-gsm8k eval-gsm8k-llama selector vllm-serve clean
+.PHONY: install models llama demo test test-fast lint bench eval-gsm8k eval-gsm8k-llama frontier selector vllm-serve clean
 
 $(VENV)/.installed: pyproject.toml requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,31 @@ eval-gsm8k-llama: $(LLAMA_OUT)/kl90.json
 		--max-new-tokens 512 --batch-size $(LLAMA_BATCH) --policy greedy --policy llm --policy s2t=$(LLAMA_OUT)/kl90.json \
 		--out $(LLAMA_OUT)
 	$(VENV)/bin/s2t report $(LLAMA_OUT)
+
+# The accuracy-cost frontier (issue 16, docs/results.md "The frontier"): S2T with SLM-only triggers on llama.cpp,
+# GSM8K test[0:200] in 8 shards (a stop leaves every policy on the same items; rerun to resume), then the wall time
+# of every policy at batch 1 on 4 problems side by side, and the figure. Thresholds from gsm_symbolic:calib.
+FRONTIER ?= runs/frontier
+FRONTIER_POLICIES ?= greedy s2t=$(FRONTIER)/thr/entropy0.8.json s2t=$(FRONTIER)/thr/learned.json \
+	s2t=$(FRONTIER)/thr/entropy0.9.json
+SHIPPED := src/select2think/shipped/qwen2.5-coder-0.5b-instruct
+$(FRONTIER)/thr/.done: | $(VENV)/.models $(VENV)/.llama
+	mkdir -p $(FRONTIER)/thr
+	for t in entropy margin; do $(VENV)/bin/s2t calibrate --backend llama.cpp --trigger $$t --quantile 0.8 \
+		--quantile 0.9 --quantile 0.95 --quantile 0.99 --limit 20 --batch-size 10 --out "$(FRONTIER)/thr/$$t{q}.json"; done
+	$(VENV)/bin/s2t calibrate --backend llama.cpp --trigger kl --quantile 0.9 --limit 20 --out $(FRONTIER)/thr/kl0.9.json
+	cp $(SHIPPED)/trigger.json $(FRONTIER)/thr/learned.json && cp $(SHIPPED)/trigger.safetensors $(FRONTIER)/thr/
+	touch $@
+
+frontier: $(FRONTIER)/thr/.done
+	for i in 0 1 2 3 4 5 6 7; do $(VENV)/bin/s2t eval --backend llama.cpp --llm qwen2.5-coder-1.5b-instruct \
+		--dataset gsm8k --limit 200 --max-new-tokens 512 --batch-size 16 --shard $$i/8 \
+		$(foreach p,$(FRONTIER_POLICIES),--policy $(p)) --out $(FRONTIER) || exit 1; done
+	$(VENV)/bin/s2t report $(FRONTIER)
+	$(PY) benchmarks/frontier.py --thresholds $(FRONTIER)/thr --n 4 --max-new-tokens 256 --out $(FRONTIER)/wall_time.json
+	$(PY) benchmarks/frontier_plot.py --report $(FRONTIER)/report.json --reference docs/measurements/gsm8k200/report.json \
+		--reference docs/measurements/gsm8k200_run2/report.json --wall $(FRONTIER)/wall_time.json \
+		--out $(FRONTIER)/frontier.png
 
 # The shipped S2T-Local bundle, from scratch: the LLM's selections on 64 gsm_symbolic:train problems (kl q0.90,
 # K = 16), the 16 reserved rows fit on cached hidden states (settings chosen by 5-fold cross-validation on the
