@@ -147,3 +147,16 @@ def test_a_recorder_under_refill_sees_each_prompts_own_index(tiny_pair):
     for i, g in enumerate(res.generations):
         assert [rec.seen[(i, s)] for s in range(len(g.token_ids))] == g.token_ids
     assert len(rec.seen) == sum(len(g.token_ids) for g in res.generations)
+
+
+def test_the_lazy_llm_reads_each_row_only_at_its_own_triggers(tiny_pair, thresholds):
+    """In a batch, a trigger catches up only the rows that fired: each row's LLM forwards and tokens read
+    are what they are when it decodes alone (one forward per trigger, nothing after its last one)."""
+    cfg = DecodeConfig(policy="s2t", trigger="entropy", threshold=thresholds["entropy"], k=4, max_new_tokens=20)
+    batched = generate(tiny_pair, PROMPTS, cfg, batch_size=len(PROMPTS)).generations
+    solo = [generate(tiny_pair, [p], cfg, batch_size=1).generations[0] for p in PROMPTS]
+    for b, s in zip(batched, solo, strict=True):
+        assert b.token_ids == s.token_ids
+        assert (b.llm_forwards, b.llm_tokens) == (s.llm_forwards, s.llm_tokens)
+        assert b.llm_forwards == b.triggers
+    assert sum(b.triggers for b in batched) > 0

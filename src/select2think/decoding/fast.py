@@ -148,14 +148,21 @@ def decode_draft_verify(
 
 
 def _ask_llm(llm: LaggingCache, batch: Batch, view: StepView, fired: torch.Tensor):
-    """At a trigger: the LLM's log-probs [N, V] at every active row (one catch-up forward), or from a
-    selection-only LLM just its choices [F] among the fired rows' candidates (one request per fired row)."""
+    """At a trigger: the LLM's log-probs [N, V], or from a selection-only LLM just its choices [F] among the
+    fired rows' candidates (one request per fired row). Only the fired rows catch up (one forward), so a
+    row's tokens after its last trigger are never read; a recorder gets every active row's log-probs. The
+    rows that did not fire carry their SLM log-probs, which nothing reads (the selector and Hit@K only
+    look at fired rows)."""
+    idx = fired.nonzero().squeeze(-1)
     if llm.backend.capabilities.selection_only:
-        idx = fired.nonzero().squeeze(-1)
         cands = batch.policy.selector.llm_candidates(view.slm_logp[idx])
         return None, llm.select([view.active[j] for j in idx.tolist()], cands)
-    l_raw, _ = llm.forward([[] for _ in range(len(batch.prompts))])
-    return batch.vocab.logprobs(torch.stack([l_raw[r][-1] for r in view.active])), None
+    ask = list(range(len(view.active))) if batch.recorder is not None else idx.tolist()
+    l_raw, _ = llm.forward([[] for _ in range(len(batch.prompts))], rows=[view.active[j] for j in ask])
+    l_lp = view.slm_logp.clone()
+    got = batch.vocab.logprobs(torch.stack([l_raw[view.active[j]][-1] for j in ask]))
+    l_lp[ask] = got.to(l_lp.device, l_lp.dtype)
+    return l_lp, None
 
 
 def decode_lazy(slm: Backend, llm_backend: Backend, batch: Batch) -> tuple[list[RowState], DecodeStats]:
