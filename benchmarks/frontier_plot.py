@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 
-def load_points(report: str, engine: str, keep: set[str] | None = None) -> dict[str, dict]:
-    """label -> the report's row, with the engine in the label; `keep`: only these policies."""
+def load_points(report: str, engine: str) -> dict[str, dict]:
+    """label -> the report's row, with the engine in the label (oracles are not policies: left out)."""
     rows = json.loads(Path(report).read_text())["policies"]
-    return {f"{k} ({engine})": v for k, v in rows.items() if keep is None or k in keep}
+    return {f"{k} ({engine})": v for k, v in rows.items() if "oracle" not in k}
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -33,10 +33,11 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 
 def axes_values(points: dict[str, dict], wall: dict) -> dict[str, dict[str, float]]:
     """Per label, the three cost axes (missing where the label was not measured on that axis)."""
-    llm_tokens = next(v["llm_tokens_per_item"] for k, v in points.items() if k.startswith("llm ("))
     out: dict[str, dict[str, float]] = {}
     for label, row in points.items():
         policy, engine = label.rsplit(" (", 1)
+        same = points.get(f"llm ({engine}") or next(v for k, v in points.items() if k.startswith("llm ("))
+        llm_tokens = same["llm_tokens_per_item"]  # the same engine's LLM alone where there is one
         vals = {"acc": row["accuracy"], "fwd": row["llm_forwards_per_token"]}
         vals["read"] = row["llm_tokens_per_item"] / llm_tokens
         if engine.startswith("llama.cpp") and policy in wall:
@@ -97,8 +98,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="PNG to write")
     args = ap.parse_args()
     points = load_points(args.report, "llama.cpp")
-    for ref in args.reference:  # the transformers run's points that the frontier run does not repeat
-        points |= {k: v for k, v in load_points(ref, "transformers").items() if k not in points}
+    for ref in args.reference:  # transformers runs: where two give a policy, the one with more items
+        for k, v in load_points(ref, "transformers").items():
+            if k not in points or points[k]["n"] < v["n"]:
+                points[k] = v
     wall_json = json.loads(Path(args.wall).read_text())
     values = axes_values(points, wall_json["llama.cpp"])
     assisted = wall_json.get("transformers_assisted")
