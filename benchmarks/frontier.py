@@ -53,10 +53,13 @@ def row(res, wall: float) -> dict:
 
 
 def against_llm_alone(rows: dict[str, dict]) -> None:
-    """Each row's wall time and LLM tokens read as ratios to the LLM alone's, in place."""
+    """Each row's wall time (whole, and per generated token: trajectories differ in length) and LLM tokens
+    read as ratios to the LLM alone's, in place."""
     llm = rows["llm"]
     for r in rows.values():
         r["wall_vs_llm_alone"] = round(r["wall_s"] / llm["wall_s"], 3)
+        r["ms_per_token"] = round(1000 * r["wall_s"] / max(r["generated_tokens"], 1), 2)
+        r["per_token_vs_llm_alone"] = round(r["ms_per_token"] / (1000 * llm["wall_s"] / llm["generated_tokens"]), 3)
         r["llm_tokens_read_vs_llm_alone"] = round(r["llm_tokens_read"] / max(llm["llm_tokens_read"], 1), 3)
 
 

@@ -31,17 +31,20 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return sorted(front)
 
 
-def axes_values(points: dict[str, dict], wall: dict) -> dict[str, dict[str, float]]:
-    """Per label, the three cost axes (missing where the label was not measured on that axis)."""
+def axes_values(points: dict[str, dict], wall: dict, same: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per label, the three cost axes (missing where the label was not measured on that axis). The wall time
+    of bench policy P goes to the point "P (llama.cpp)", or to the point `same[P]` names."""
+    per_token = {k: w["wall_s"] / w["generated_tokens"] for k, w in wall.items()}  # lengths differ
+    wall_of = {same.get(k, f"{k} (llama.cpp)"): t / per_token["llm"] for k, t in per_token.items()}
     out: dict[str, dict[str, float]] = {}
     for label, row in points.items():
-        policy, engine = label.rsplit(" (", 1)
-        same = points.get(f"llm ({engine}") or next(v for k, v in points.items() if k.startswith("llm ("))
-        llm_tokens = same["llm_tokens_per_item"]  # the same engine's LLM alone where there is one
+        engine = label.rsplit(" (", 1)[1]
+        ref = points.get(f"llm ({engine}") or next(v for k, v in points.items() if k.startswith("llm ("))
+        llm_tokens = ref["llm_tokens_per_item"]  # the same engine's LLM alone where there is one
         vals = {"acc": row["accuracy"], "fwd": row["llm_forwards_per_token"]}
         vals["read"] = row["llm_tokens_per_item"] / llm_tokens
-        if engine.startswith("llama.cpp") and policy in wall:
-            vals["wall"] = wall[policy]["wall_vs_llm_alone"]
+        if label in wall_of:
+            vals["wall"] = wall_of[label]
         out[label] = vals
     return out
 
@@ -49,7 +52,7 @@ def axes_values(points: dict[str, dict], wall: dict) -> dict[str, dict[str, floa
 def table(values: dict[str, dict[str, float]], points: dict[str, dict]) -> str:
     lines = [
         "| policy | n | accuracy (95% CI) | trigger rate | LLM forwards / token | LLM tokens read vs LLM alone "
-        "| wall time vs LLM alone (batch 1) |",
+        "| time per token vs LLM alone (batch 1) |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, v in sorted(values.items(), key=lambda kv: kv[1].get("wall", 9) + kv[1]["fwd"]):
@@ -70,7 +73,7 @@ def plot(values: dict[str, dict[str, float]], extra: dict[str, tuple[float, floa
     axes = [
         ("fwd", "LLM forwards per generated token"),
         ("read", "LLM tokens read per problem / LLM alone's"),
-        ("wall", "wall time at batch 1 / LLM alone's (llama.cpp)"),
+        ("wall", "wall time per token at batch 1 / LLM alone's (llama.cpp)"),
     ]
     fig, panels = plt.subplots(1, 3, figsize=(18, 6), sharey=True)
     for ax, (key, title) in zip(panels, axes, strict=True):
@@ -96,6 +99,7 @@ def main() -> None:
     ap.add_argument("--reference", action="append", default=[], help="report.json of transformers runs")
     ap.add_argument("--wall", required=True, help="benchmarks/frontier.py's JSON")
     ap.add_argument("--out", required=True, help="PNG to write")
+    ap.add_argument("--same", action="append", default=[], help="BENCH=LABEL: bench policy BENCH's time is LABEL's")
     args = ap.parse_args()
     points = load_points(args.report, "llama.cpp")
     for ref in args.reference:  # transformers runs: where two give a policy, the one with more items
@@ -103,7 +107,7 @@ def main() -> None:
             if k not in points or points[k]["n"] < v["n"]:
                 points[k] = v
     wall_json = json.loads(Path(args.wall).read_text())
-    values = axes_values(points, wall_json["llama.cpp"])
+    values = axes_values(points, wall_json["llama.cpp"], dict(s.split("=", 1) for s in args.same))
     assisted = wall_json.get("transformers_assisted")
     llm_acc = next(v["acc"] for k, v in values.items() if k.startswith("llm ("))
     extra = {}

@@ -79,12 +79,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_rows_joining_mid_decode_match_their_solo_decode(tiny_pair, thresholds, case):
-    kw = dict(CASES[case], max_new_tokens=20)
+def case_config(case: str, thresholds: dict, max_new_tokens: int) -> DecodeConfig:
+    kw = dict(CASES[case], max_new_tokens=max_new_tokens)
     if kw.get("trigger") in thresholds:
         kw["threshold"] = thresholds[kw["trigger"]]
-    cfg = DecodeConfig(**kw)
+    return DecodeConfig(**kw)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rows_joining_mid_decode_match_their_solo_decode(tiny_pair, thresholds, case):
+    cfg = case_config(case, thresholds, 20)
     # prompt 1 joins after 3 steps, 2 and 3 later; with 2 rows, 3 and 4 wait for a row to free up
     got = continuous(tiny_pair, cfg, PROMPTS, at=[4, 6, 7, 7], capacity=2)
     solo = [generate(tiny_pair, [p], cfg, batch_size=1).generations[0].token_ids for p in PROMPTS]
@@ -117,10 +121,7 @@ def llama_pair():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_generate_refills_finished_rows_and_matches_fixed_batches(tiny_pair, thresholds, case):
-    kw = dict(CASES[case], max_new_tokens=16)
-    if kw.get("trigger") in thresholds:
-        kw["threshold"] = thresholds[kw["trigger"]]
-    cfg = DecodeConfig(**kw)
+    cfg = case_config(case, thresholds, 16)
     seen = []
     got = generate(tiny_pair, PROMPTS, cfg, batch_size=2, on_finish=lambda i, g: seen.append((i, g.token_ids)))
     fixed = generate(tiny_pair, PROMPTS, cfg, batch_size=1, continuous=False)

@@ -106,21 +106,9 @@ def _in_batches(pair: ModelPair, prompts: list[str], args: tuple) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def calibrate(
-    pair: ModelPair,
-    prompts: list[str],
-    trigger: str,
-    quantile: float,
-    dataset: str = "",
-    reverse_kl: bool = False,
-    warmup: int = 3,
-    max_new_tokens: int = 512,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> Calibration:
-    """`progress`: report each batch (a bar on a terminal, a plain line every 30 s elsewhere)."""
-    args = (dataset, reverse_kl, warmup, max_new_tokens, batch_size, progress)
-    return calibrate_many(pair, prompts, trigger, [quantile], *args)[0]
+def calibrate(pair: ModelPair, prompts: list[str], trigger: str, quantile: float, *args, **kw) -> Calibration:
+    """One quantile's threshold (`calibrate_many`'s other arguments)."""
+    return calibrate_many(pair, prompts, trigger, [quantile], *args, **kw)[0]
 
 
 def calibrate_many(
@@ -135,7 +123,8 @@ def calibrate_many(
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[Calibration]:
-    """One threshold per quantile, all from one decode of the calibration prompts."""
+    """One threshold per quantile, all from one decode of the calibration prompts. `progress`: report each
+    batch (a bar on a terminal, a plain line every 30 s elsewhere)."""
     for q in quantiles:
         check_quantile(q)
     if trigger in ("never", "always"):
