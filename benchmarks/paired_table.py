@@ -1,5 +1,6 @@
 """Accuracy of each policy on the items every policy of a run finished (a run stopped part way, or sharded),
-with Wilson 95% intervals, beside another run's greedy on the same items.
+with Wilson 95% intervals, paired against the run's own greedy (fixed, broken, exact McNemar p), beside
+another run's greedy on the same items.
 
     python benchmarks/paired_table.py runs/gsm8k100-llama --reference docs/measurements/gsm8k200_run2/results.jsonl.gz
 """
@@ -11,7 +12,7 @@ import gzip
 import json
 from pathlib import Path
 
-from select2think.eval.report import wilson
+from select2think.eval.report import mcnemar, wilson
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -32,10 +33,16 @@ def main() -> None:
             by.setdefault(r["policy"], {})[r["item"]] = r
     common = sorted(set.intersection(*(set(v) for v in by.values())))
     print(f"items every policy finished: {len(common)}")
+    greedy = by.get("greedy")
     for policy, items in by.items():
         k = sum(items[i]["correct"] for i in common)
         lo, hi = wilson(k, len(common))
-        print(f"{policy}: {k}/{len(common)} = {k / len(common):.1%} (95% CI {lo:.1%}-{hi:.1%})")
+        line = f"{policy}: {k}/{len(common)} = {k / len(common):.1%} (95% CI {lo:.1%}-{hi:.1%})"
+        if greedy is not None and policy != "greedy":  # paired against this run's greedy on the same items
+            fixed = sum(items[i]["correct"] and not greedy[i]["correct"] for i in common)
+            broken = sum(greedy[i]["correct"] and not items[i]["correct"] for i in common)
+            line += f"; vs greedy: fixed {fixed}, broken {broken}, McNemar p = {mcnemar(fixed, broken):.3g}"
+        print(line)
     if args.reference:
         ref = {r["item"]: r["correct"] for r in rows_of(args.reference) if r["policy"] == "greedy"}
         print(f"reference greedy on the same items: {sum(ref[i] for i in common)}/{len(common)}")

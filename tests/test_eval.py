@@ -286,3 +286,11 @@ def test_each_item_is_written_as_its_last_row_ends(tiny_pair, monkeypatch):
     complete = {i // 2 for i in rows_done if rows_done.count(i - i % 2) + rows_done.count(i - i % 2 + 1) == 2}
     assert {r["item"] for r in written} == {items[n].id for n in complete} and written
     assert all(len(r["answers"]) == 2 and r["stats"]["wall_time_s"] >= 0 for r in written)
+
+
+def test_exact_mcnemar():
+    from select2think.eval.report import mcnemar
+
+    assert mcnemar(1, 9) == pytest.approx(2 * 11 / 1024) == mcnemar(9, 1)  # P(X <= 1) for Bin(10, 1/2), twice
+    assert mcnemar(15, 18) == pytest.approx(0.7283, abs=1e-4)  # scipy.stats.binomtest(15, 33).pvalue
+    assert mcnemar(0, 0) == 1.0 and mcnemar(5, 5) == 1.0

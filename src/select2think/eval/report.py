@@ -26,6 +26,16 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def mcnemar(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar p-value for paired outcomes: `fixed` items only the policy solves, `broken`
+    items only the baseline solves (a binomial test of fixed against n = fixed + broken at 1/2)."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def summarise(rows: list[dict], llm_cost: float | None) -> dict:
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
