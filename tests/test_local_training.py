@@ -214,6 +214,18 @@ def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collec
         stat = head.statistic(s_lp, hidden=h)[3:]  # warm-up 3
         assert g.triggers == int((stat > thr).sum())
     assert lazy.stats.triggers > 0 and lazy.stats.llm_forwards > 0
+    # its threshold set anew at two quantiles: copies in another folder that still find the weights
+    from select2think.cli import main
+
+    (tmp_path / "sub").mkdir()
+    args = ["calibrate", "--slm", "tiny-slm", "--trigger", "learned", "--head", str(path), "--limit", "2"]
+    args += ["--quantile", "0.5", "--quantile", "0.9", "--max-new-tokens", "16", "--dtype", "fp32", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "sub" / "learned{q}.json")]) == 0
+    low, high = (tmp_path / "sub" / f"learned{q}.json" for q in ("0.5", "0.9"))
+    assert load_threshold(low, "learned", "tiny-slm", None) < load_threshold(high, "learned", "tiny-slm", None)
+    assert load_learned_trigger(high).weight.equal(head.weight)
+    assert main(["calibrate", "--trigger", "learned", "--out", "x.json"]) == 2  # which learned trigger?
+    assert main(["calibrate", "--trigger", "entropy", "--head", str(path), "--out", "x.json"]) == 2
 
 
 def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_path, monkeypatch):

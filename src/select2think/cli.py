@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -347,6 +348,21 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+def learned_head(trigger: str, head: str | None):
+    """(the learned trigger, the absolute path of its weights) for `--trigger learned --head FILE`, else None."""
+    if trigger != "learned":
+        if head is not None:
+            raise S2TError("--head is for --trigger learned")
+        return None
+    if head is None:
+        raise S2TError("--trigger learned needs --head FILE (from `s2t train-trigger`, or a bundle's trigger.json)")
+    from .io import read_json
+    from .local.trigger_head import load_learned_trigger
+
+    trig = load_learned_trigger(head)
+    return trig, (Path(head).resolve().parent / read_json(Path(head), "trigger file")["head"])
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
@@ -361,11 +377,13 @@ def calibrate_cmd(
     max_new_tokens: int = typer.Option(512),
     batch_size: int = typer.Option(8),
     out: str = typer.Option(..., help="threshold JSON to write; {q} in it is replaced by each quantile"),
+    head: str | None = typer.Option(None, help="--trigger learned: the trigger file (s2t train-trigger) to set"),
     dtype: str = DTYPE,
     device: str = DEVICE,
     backend: str = BACKEND,
 ):
-    """Write a trigger threshold: the quantile of its statistic under greedy SLM decoding."""
+    """Write a trigger threshold: the quantile of its statistic under greedy SLM decoding. A learned trigger
+    (--head) is written as a copy of its file with the new threshold, pointing at the same weights."""
     from .backends import load_pair
     from .data.datasets import load_dataset, refuse_test
     from .data.prompts import math_prompt
@@ -379,7 +397,8 @@ def calibrate_cmd(
         raise S2TError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise S2TError(f"--batch-size must be >= 1, got {batch_size}")
-    needs_llm = make_trigger(trigger).needs_llm
+    learned = learned_head(trigger, head)
+    needs_llm = learned is None and make_trigger(trigger).needs_llm
     ds = load_dataset(dataset, limit=limit)
     refuse_test(ds, "calibration")
     pair = load_pair(slm, llm if needs_llm else None, dtype=dtype, device=device, backend=backend)
@@ -387,7 +406,7 @@ def calibrate_cmd(
     cals = calibrate_many(
         pair,
         prompts,
-        trigger,
+        learned[0] if learned else trigger,
         quantile,
         dataset,
         reverse_kl,
@@ -396,6 +415,8 @@ def calibrate_cmd(
         progress=True,
     )
     for cal, path in zip(cals, paths, strict=True):
+        if learned:  # the weights stay where they are; the new file names them relative to itself
+            cal.head = os.path.relpath(learned[1], Path(path).resolve().parent)
         cal.save(path)
         console.print(
             f"{trigger} threshold at quantile {cal.quantile}: {cal.threshold:.6g} "

@@ -19,7 +19,7 @@ from ..models.chat import encode_prompts
 from .api import generate
 from .config import DecodeConfig
 from .teacher import step_logprobs
-from .triggers import make_trigger
+from .triggers import Trigger, make_trigger
 from .vocab import Vocab
 
 
@@ -37,11 +37,12 @@ class Calibration:
     n_steps: int
     max_new_tokens: int
     created: str
+    head: str = ""  # a learned trigger's weights, relative to the file (its threshold file is also its weights')
 
     def save(self, path: str | Path) -> None:
         from ..io import write_json
 
-        write_json(path, asdict(self))
+        write_json(path, {k: v for k, v in asdict(self).items() if k != "head" or v})
 
 
 def check_quantile(q: float) -> None:
@@ -52,17 +53,18 @@ def check_quantile(q: float) -> None:
 def step_statistics(
     pair: ModelPair,
     prompts: list[str],
-    trigger_name: str,
+    trigger_name: str | Trigger,
     reverse_kl: bool = False,
     warmup: int = 3,
     max_new_tokens: int = 512,
     batch_size: int = 8,
     chat_template: bool = True,
 ) -> np.ndarray:
-    """Per-step trigger statistic along greedy SLM trajectories (warm-up steps excluded)."""
-    trigger = make_trigger(trigger_name, reverse_kl)
+    """Per-step trigger statistic along greedy SLM trajectories (warm-up steps excluded). `trigger_name`: a
+    trigger's name, or a ready trigger (a learned head)."""
+    trigger = make_trigger(trigger_name, reverse_kl) if isinstance(trigger_name, str) else trigger_name
     if trigger.needs_llm:
-        pair.require_llm().require("full_logits", f"calibrating the {trigger_name} trigger")
+        pair.require_llm().require("full_logits", f"calibrating the {trigger.name} trigger")
     prompt_ids = encode_prompts(pair.tokenizer, prompts, chat_template)
     greedy = generate(
         pair,
@@ -77,10 +79,10 @@ def step_statistics(
         g = gen.token_ids
         if len(g) <= warmup:
             continue
-        s_lp, _ = step_logprobs(pair.slm, p_ids, g, vocab)
+        s_lp, hidden = step_logprobs(pair.slm, p_ids, g, vocab, hidden=trigger.needs_hidden)
         l_lp = step_logprobs(pair.require_llm(), p_ids, g, vocab)[0] if trigger.needs_llm else None
         keys = [(0, i) for i in range(len(g))]
-        stat = trigger.statistic(s_lp, l_lp, keys)[warmup:]
+        stat = trigger.statistic(s_lp, l_lp, keys, hidden=hidden)[warmup:]
         stats.append(stat.cpu().numpy())
     if not stats:
         raise S2TError("calibration produced no steps: use more prompts or a larger max_new_tokens")
@@ -92,7 +94,8 @@ def _in_batches(pair: ModelPair, prompts: list[str], args: tuple) -> np.ndarray:
     from ..progress import Progress
 
     batch_size, parts = args[-1], []
-    with Progress(f"calibrate {args[0]}", len(prompts)) as bar:
+    name = args[0] if isinstance(args[0], str) else args[0].name
+    with Progress(f"calibrate {name}", len(prompts)) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             try:
@@ -106,7 +109,7 @@ def _in_batches(pair: ModelPair, prompts: list[str], args: tuple) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def calibrate(pair: ModelPair, prompts: list[str], trigger: str, quantile: float, *args, **kw) -> Calibration:
+def calibrate(pair: ModelPair, prompts: list[str], trigger: str | Trigger, quantile: float, *args, **kw) -> Calibration:
     """One quantile's threshold (`calibrate_many`'s other arguments)."""
     return calibrate_many(pair, prompts, trigger, [quantile], *args, **kw)[0]
 
@@ -114,7 +117,7 @@ def calibrate(pair: ModelPair, prompts: list[str], trigger: str, quantile: float
 def calibrate_many(
     pair: ModelPair,
     prompts: list[str],
-    trigger: str,
+    trigger: str | Trigger,
     quantiles: list[float],
     dataset: str = "",
     reverse_kl: bool = False,
@@ -127,19 +130,20 @@ def calibrate_many(
     batch (a bar on a terminal, a plain line every 30 s elsewhere)."""
     for q in quantiles:
         check_quantile(q)
-    if trigger in ("never", "always"):
-        raise S2TError(f"trigger {trigger!r} has no threshold to calibrate")
+    name = trigger if isinstance(trigger, str) else trigger.name
+    if name in ("never", "always"):
+        raise S2TError(f"trigger {name!r} has no threshold to calibrate")
     args = (trigger, reverse_kl, warmup, max_new_tokens, batch_size)
     values = _in_batches(pair, prompts, args) if progress else step_statistics(pair, prompts, *args)
     values = values[np.isfinite(values)]
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     return [
         Calibration(
-            trigger,
+            name,
             q,
-            float(np.quantile(values, q)) if trigger != "random" else float(q),
+            float(np.quantile(values, q)) if name != "random" else float(q),
             pair.slm_name,
-            pair.llm_name if trigger == "kl" else "",
+            pair.llm_name if name == "kl" else "",
             reverse_kl,
             warmup,
             dataset,
