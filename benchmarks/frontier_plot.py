@@ -1,11 +1,13 @@
 """The accuracy-cost frontier in one figure (docs/results.md, "The frontier"): accuracy on GSM8K test[0:200]
 against (a) LLM forwards per generated token, (b) LLM tokens read per problem relative to the LLM alone,
-(c) wall time at batch 1 relative to the LLM alone (benchmarks/frontier.py), with the Pareto front of each
-panel drawn through the points no other point beats on both axes. Prints the table results.md shows.
+(c) wall time per token at batch 1 relative to the LLM alone, with the Pareto front of each panel drawn
+through the points no other point beats on both axes. Costs come from benchmarks/frontier.py (batch 1, one
+run) where it measured the policy, accuracy from `s2t eval`. Prints the table results.md shows.
 
     python benchmarks/frontier_plot.py --report runs/frontier/report.json \
         --reference docs/measurements/gsm8k200/report.json --reference docs/measurements/gsm8k200_run2/report.json \
-        --wall docs/measurements/frontier/wall_time.json --out docs/measurements/frontier/frontier.png
+        --wall docs/measurements/frontier/wall_time.json --same "llm=llm (transformers)" \
+        --same "s2t[kl0.9]=s2t[kl90] (transformers)" --out docs/measurements/frontier/frontier.png
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 
 
 def axes_values(points: dict[str, dict], wall: dict, same: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Per label, the three cost axes (missing where the label was not measured on that axis). The wall time
-    of bench policy P goes to the point "P (llama.cpp)", or to the point `same[P]` names."""
+    """Per label, the three cost axes (missing where the label was not measured on that axis). Bench policy
+    P's costs (batch 1, one run) go to the point "P (llama.cpp)", or to the point `same[P]` names; other
+    points keep their eval's LLM forwards and tokens read."""
     per_token = {k: w["wall_s"] / w["generated_tokens"] for k, w in wall.items()}  # lengths differ
-    wall_of = {same.get(k, f"{k} (llama.cpp)"): t / per_token["llm"] for k, t in per_token.items()}
+    bench = {same.get(k, f"{k} (llama.cpp)"): k for k in wall}
     out: dict[str, dict[str, float]] = {}
     for label, row in points.items():
         engine = label.rsplit(" (", 1)[1]
@@ -43,8 +46,10 @@ def axes_values(points: dict[str, dict], wall: dict, same: dict[str, str]) -> di
         llm_tokens = ref["llm_tokens_per_item"]  # the same engine's LLM alone where there is one
         vals = {"acc": row["accuracy"], "fwd": row["llm_forwards_per_token"]}
         vals["read"] = row["llm_tokens_per_item"] / llm_tokens
-        if label in wall_of:
-            vals["wall"] = wall_of[label]
+        if label in bench:
+            w = wall[bench[label]]
+            vals |= {"fwd": w["llm_forwards_per_token"], "read": w["llm_tokens_read_vs_llm_alone"]}
+            vals["wall"] = per_token[bench[label]] / per_token["llm"]
         out[label] = vals
     return out
 
@@ -55,7 +60,7 @@ def table(values: dict[str, dict[str, float]], points: dict[str, dict]) -> str:
         "| time per token vs LLM alone (batch 1) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, v in sorted(values.items(), key=lambda kv: kv[1].get("wall", 9) + kv[1]["fwd"]):
+    for label, v in sorted(values.items(), key=lambda kv: (kv[1].get("wall", 9), kv[1]["fwd"], kv[1]["acc"])):
         r = points[label]
         ci = f"{100 * r['accuracy']:.1f}% ({100 * r['ci95_low']:.1f}-{100 * r['ci95_high']:.1f})"
         wall = f"{v['wall']:.2f}x" if "wall" in v else ""

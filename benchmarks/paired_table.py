@@ -1,8 +1,9 @@
 """Accuracy of each policy on the items every policy of a run finished (a run stopped part way, or sharded),
 with Wilson 95% intervals, paired against the run's own greedy (fixed, broken, exact McNemar p), beside
-another run's greedy on the same items.
+other runs' policies on the items they share.
 
-    python benchmarks/paired_table.py runs/gsm8k100-llama --reference docs/measurements/gsm8k200_run2/results.jsonl.gz
+    python benchmarks/paired_table.py runs/frontier --reference docs/measurements/gsm8k200_run2/results.jsonl.gz \
+        --reference docs/measurements/gsm8k100_llama_shards0-1/results.jsonl.gz
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def rows_of(path: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a run directory or a results .jsonl(.gz) file")
-    ap.add_argument("--reference", type=Path, help="results of another run: its greedy on the same items")
+    ap.add_argument("--reference", type=Path, action="append", default=[], help="results of other runs")
     args = ap.parse_args()
     files = sorted(args.run.glob("results.shard*of*.jsonl")) if args.run.is_dir() else [args.run]
     by: dict[str, dict[str, dict]] = {}
@@ -43,9 +44,16 @@ def main() -> None:
             broken = sum(greedy[i]["correct"] and not items[i]["correct"] for i in common)
             line += f"; vs greedy: fixed {fixed}, broken {broken}, McNemar p = {mcnemar(fixed, broken):.3g}"
         print(line)
-    if args.reference:
-        ref = {r["item"]: r["correct"] for r in rows_of(args.reference) if r["policy"] == "greedy"}
-        print(f"reference greedy on the same items: {sum(ref[i] for i in common)}/{len(common)}")
+    for path in args.reference:  # each policy of another run on the items it shares with these
+        ref: dict[str, dict[str, bool]] = {}
+        for r in rows_of(path):
+            ref.setdefault(r["policy"], {})[r["item"]] = r["correct"]
+        for policy, done in ref.items():
+            shared = [i for i in common if i in done]
+            mine = {p: sum(by[p][i]["correct"] for i in shared) for p in by}
+            theirs = f"{sum(done[i] for i in shared)}/{len(shared)}"
+            here = ", ".join(f"{p} {k}" for p, k in mine.items())
+            print(f"{path.parent.name} {policy}: {theirs} on the shared items (this run there: {here})")
 
 
 if __name__ == "__main__":
