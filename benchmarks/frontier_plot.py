@@ -92,7 +92,7 @@ def plot(values: dict[str, dict[str, float]], extra: dict[str, tuple[float, floa
         ax.step([c for c, _, _ in front], [100 * a for _, a, _ in front], where="post", color="tab:green", lw=1)
         ax.set_xlabel(title)
         ax.grid(alpha=0.3)
-    panels[0].set_ylabel("GSM8K test[0:200] accuracy (%)")
+    panels[0].set_ylabel("GSM8K test accuracy (%), n per point in the table")
     fig.suptitle("Accuracy vs the LLM's share of the work (green: Pareto front)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
