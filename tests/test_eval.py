@@ -190,6 +190,14 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
             sharded[(r["item"], r["policy"])] = r["prediction"]
     assert whole == sharded and len(whole) == 8  # per-item seeds: shards and batch sizes agree with the whole run
     assert build_report(tmp_path / "sharded")["policies"]["greedy"]["n"] == 4
+    # a third policy, first on a quarter, then on the whole: the second run skips what the first did
+    more = [*base, "--policy", "maj@2", "--out", str(tmp_path / "sharded")]
+    assert main([*more, "--shard", "1/4"]) == 0
+    assert main(more) == 0
+    everything = [
+        (r["item"], r["policy"]) for f in (tmp_path / "sharded").glob("results.shard*.jsonl") for r in read_lines(f)
+    ]
+    assert len(everything) == len(set(everything)) == 12
     assert main([*base[:-2], "--policy", "greedy", "--out", str(tmp_path / "whole"), "--seed", "5"]) == 2
 
 

@@ -396,6 +396,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         check_config(cfg, out)
         rows = read_jsonl(results)
         check_stale(rows, keys, specs, results)
+        # items another sharding of this run finished count as done: a run may change --shard and go on
+        for other in sorted(out.glob("results.shard*of*.jsonl")):
+            if other != results:
+                theirs = read_jsonl(other)
+                check_stale(theirs, keys, specs, other)
+                rows = rows + theirs
         done = {(r["item"], r["policy"]) for r in rows}
         todo = [(it, s) for it in items for s in specs if (it.id, s.label) not in done]
         llm, remote = (cfg.llm, cfg.remote()) if needs_llm else (None, None)
