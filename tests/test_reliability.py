@@ -355,3 +355,18 @@ def test_tables_get_room_off_a_terminal():
     from select2think.cli import console
 
     assert console.width >= 200  # pytest's stdout is not a terminal: the demo's table is not cut at 80
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["eval", "--limit", "1"], "--out"),
+        (["eval", "--out", "x", "--no-such-option"], "--no-such-option"),
+        (["eval", "--out", "x", "--limit", "many"], "--limit"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0] and "s2t" in err[0], err

@@ -727,7 +727,7 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: S2TError becomes `error: <message>` on stderr and exit status 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="s2t")
     except S2TError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -735,13 +735,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 1
     except typer.Abort:
         return 130
-    except Exception as e:  # click usage errors in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.TyperException as e:  # click's errors (typer vendors click) in non-standalone mode
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        if e.format_message():  # empty when the help was shown instead (no arguments)
+            print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)  # 2 for usage errors
     return 0
 
 
