@@ -41,7 +41,13 @@ def two_pass(pair, prompt_ids, gen, threshold, k, warmup):
         }
         for t in fired.nonzero().flatten().tolist()
     ]
-    feats = {"stat": stat.numpy(), "label": fired.numpy(), "features": step_features(s_lp).numpy(), "hidden": h.numpy()}
+    feats = {
+        "stat": stat.numpy(),
+        "label": fired.numpy(),
+        "features": step_features(s_lp).numpy(),
+        "hidden": h.numpy(),
+        "llm_top": l_lp.gather(-1, top_i).numpy(),
+    }
     return groups, feats
 
 
@@ -58,6 +64,7 @@ def _assert_same(pair, prompt_ids, got, k=16, warmup=3):
         assert np.allclose(feats["stat"], ref["stat"], atol=1e-4)
         assert (feats["label"] == ref["label"]).all()
         assert np.allclose(feats["features"], ref["features"], atol=1e-4)
+        assert np.allclose(feats["llm_top"], ref["llm_top"], atol=1e-4)
         assert np.allclose(feats["hidden"].astype(np.float32), ref["hidden"], atol=2e-2)  # fp16 on disk
         assert [g["step"] for g in groups] == [g["step"] for g in ref_groups]
         for g, r in zip(groups, ref_groups, strict=True):

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -621,3 +622,42 @@ def test_lora_validates_every_n_groups_and_keeps_the_best_point(collected, tmp_p
     )
     pair = apply_selector(load_pair("tiny-slm", None, dtype="fp32", device="cpu"), out / "best")
     assert pair.selector is not None
+
+
+def test_flip_label_is_where_s2t_would_change_the_token(collected, tmp_path, capsys):
+    """At every collected group (a kl-fired step) the flip label says whether the LLM's pick among the top 8
+    differs from the SLM's top-1; a trigger trained on it records its label; problems collected before
+    `llm_top` existed are skipped, and a directory of only those is refused."""
+    import shutil
+
+    from select2think.cli import main
+    from select2think.local.trigger_head import load_features, step_labels, train_trigger_head
+
+    groups = load_groups(collected / "groups")
+    n_flips = 0
+    for g in groups:
+        z = np.load(collected / "groups" / "features" / f"{g['item']}.npz")
+        want = int(np.argmax(g["llm_probs"][:8])) != 0
+        assert bool(step_labels(z, "flip", 8)[g["step"]]) == want
+        n_flips += want
+    assert 0 < n_flips < len(groups)
+
+    old = tmp_path / "old"
+    shutil.copytree(collected / "groups", old)
+    files = sorted((old / "features").glob("*.npz"))
+    z = dict(np.load(files[0]))
+    z.pop("llm_top")
+    np.savez(files[0], **z)
+    _, _, owner, skipped = load_features(old, "flip")
+    assert skipped == 1 and files[0].stem not in set(owner.tolist())
+    metrics = train_trigger_head(old, tmp_path / "flip.json", "tiny-slm", epochs=20, label="flip")
+    assert metrics["label"] == "flip" and metrics["skipped_problems"] == 1
+    assert json.loads((tmp_path / "flip.json").read_text())["label"] == "flip@8"
+
+    for f in files[1:]:
+        z = dict(np.load(f))
+        z.pop("llm_top")
+        np.savez(f, **z)
+    assert main(["train-trigger", "--groups", str(old), "--out", str(tmp_path / "t.json"), "--label", "flip"]) == 2
+    assert "before flips were recorded" in capsys.readouterr().err
+    assert main(["train-trigger", "--groups", str(old), "--out", str(tmp_path / "t.json"), "--label", "nope"]) == 2

@@ -673,11 +673,17 @@ def train_trigger(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
     groups: str = typer.Option(..., help="directory from `s2t collect`"),
     out: str = typer.Option(..., help="JSON to write (usable as --threshold-file with --trigger learned)"),
+    label: str = typer.Option(
+        "kl", help="what to predict: kl (the kl trigger fired) | flip (the LLM's pick in the top-k is not the top-1)"
+    ),
+    k: int = typer.Option(8, help="--label flip: the SLM's top-k the LLM picks from (S2T's K)"),
 ):
     """Train the learned trigger (no LLM at inference) and compare it with entropy and margin."""
     from .local.trigger_head import train_trigger_head
 
-    metrics = train_trigger_head(groups, out, slm)
+    if not 2 <= k <= 16:
+        raise S2TError(f"--k must be between 2 and 16 (the collected top-K), got {k}")
+    metrics = train_trigger_head(groups, out, slm, label=label, k=k)
     console.print_json(json.dumps(metrics))
 
 

@@ -14,7 +14,8 @@ trigger's features and the SLM's final hidden state: nothing is teacher-forced a
 Either way a group is every step where the kl statistic exceeds the calibrated threshold (after the
 warm-up): (context, the SLM's top-K, the LLM's probabilities on them, the SLM's). Every step gives
 learned-trigger features (entropy, margin, top-8 probabilities, the SLM's final hidden state at the
-prefix) in `features/ITEM.npz`.
+prefix) in `features/ITEM.npz`, with the kl firings and the LLM's log-probs on the top-K (`llm_top`), the
+two labels a learned trigger can be trained on (`s2t train-trigger --label kl|flip`).
 
 Candidates' hidden states (head-only training): the decode has the SLM's hidden state at each step's
 prefix (the learned trigger's input), not the hidden states of the K candidate tokens placed after it,
@@ -236,6 +237,7 @@ class GroupRecorder:
             "stat": stat.numpy(),
             "label": fired.numpy(),
             "features": torch.stack(rec["feat"]).numpy().astype(np.float32),
+            "llm_top": llm.float().numpy(),  # the LLM's log-probs on the SLM's top-K at every step (flip labels)
         }
         if rec["hidden"] and rec["hidden"][0] is not None:
             feats["hidden"] = torch.stack(rec["hidden"]).numpy().astype(np.float16)

@@ -1,6 +1,12 @@
-"""A learned trigger so that S2T-Local needs no LLM: a logistic head on SLM features predicts the
-steps where the kl trigger fired during collection. Entropy and margin triggers at the same firing
-rate are the baselines. The result is a JSON file usable wherever a threshold file is."""
+"""A learned trigger so that S2T-Local needs no LLM: a logistic head on SLM features predicts, at each
+step of the collected trajectories, one of two labels:
+
+- `kl`: the kl trigger fired there during collection (the LLM's distribution differs from the SLM's);
+- `flip`: the LLM's choice among the SLM's top-k is not the SLM's top-1, i.e. S2T would change the token
+  there. Only these steps change a decode, so a trigger that finds them wastes fewer LLM calls.
+
+Entropy and margin triggers at the same firing rate are the baselines, on the same label. The result is a
+JSON file usable wherever a threshold file is."""
 
 from __future__ import annotations
 
@@ -15,20 +21,42 @@ from ..errors import S2TError
 from ..io import atomic_path, check_safetensors, read_json, write_json
 from .split import validation_problems
 
+LABELS = ("kl", "flip")
 
-def load_features(groups_dir: str | Path):
+
+def step_labels(z, label: str, k: int = 8) -> np.ndarray | None:
+    """One problem's per-step labels (see the module's docstring); None where its file predates `llm_top`."""
+    if label == "kl":
+        return z["label"]
+    if label != "flip":
+        raise S2TError(f"unknown label {label!r}: use one of {', '.join(LABELS)}")
+    if "llm_top" not in z:
+        return None
+    if z["llm_top"].shape[1] < k:
+        raise S2TError(f"--k {k} is more candidates than were collected ({z['llm_top'].shape[1]})")
+    return z["llm_top"][:, :k].argmax(1) != 0  # ties keep the top-1, as S2T's selection does
+
+
+def load_features(groups_dir: str | Path, label: str = "kl", k: int = 8):
+    """(features [N, F], labels [N], problem ids [N], problems skipped for lack of the label)."""
     files = sorted((Path(groups_dir) / "features").glob("*.npz"))
     if not files:
         raise S2TError(f"no features in {groups_dir}/features: run `s2t collect` first")
-    xs, ys, owners = [], [], []
+    xs, ys, owners, skipped = [], [], [], 0
     for f in files:
         z = np.load(f)
         if "hidden" not in z:
             raise S2TError(f"{f} has no hidden states: collect with a backend that gives them (hf)")
+        y = step_labels(z, label, k)
+        if y is None:
+            skipped += 1
+            continue
         xs.append(np.concatenate([z["features"], z["hidden"].astype(np.float32)], axis=1))
-        ys.append(z["label"].astype(np.float32))
-        owners.append(np.full(len(z["label"]), f.stem))  # the problem's id
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners)
+        ys.append(y.astype(np.float32))
+        owners.append(np.full(len(y), f.stem))  # the problem's id
+    if not xs:
+        raise S2TError(f"no problem in {groups_dir} has --label {label}: it was collected before flips were recorded")
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(owners), skipped
 
 
 def precision_recall(pred: np.ndarray, label: np.ndarray) -> dict:
@@ -47,10 +75,12 @@ def train_trigger_head(
     l2: float = 1e-3,
     val_fraction: float = 0.2,
     seed: int = 0,
+    label: str = "kl",
+    k: int = 8,
 ) -> dict:
-    X, y, owner = load_features(groups_dir)
+    X, y, owner, skipped = load_features(groups_dir, label, k)
     if y.sum() == 0:
-        raise S2TError("the collected steps hold no kl-triggered step to learn from")
+        raise S2TError(f"the collected steps hold no positive {label!r} label to learn from")
     val_ids = validation_problems(owner.tolist(), val_fraction, seed)
     val = np.isin(owner, list(val_ids))
     train = ~val if val.any() else np.ones_like(val)
@@ -73,7 +103,13 @@ def train_trigger_head(
     rate = float(yt.mean())
     logits_train = (Z @ w + b).detach()
     threshold = float(np.quantile(logits_train.numpy(), 1 - rate))
-    metrics: dict[str, Any] = {"train_rate": rate, "val_steps": int(val.sum())}
+    metrics: dict[str, Any] = {
+        "label": label,
+        "problems": len(set(owner.tolist())),
+        "skipped_problems": skipped,
+        "train_rate": rate,
+        "val_steps": int(val.sum()),
+    }
     if val.any():
         Xv = torch.tensor(X[val])
         lv = y[val].astype(bool)
@@ -96,6 +132,7 @@ def train_trigger_head(
         "llm": "",
         "head": weights.name,
         "quantile": 1 - rate,
+        "label": label if label == "kl" else f"flip@{k}",
         "metrics": metrics,
     }
     write_json(out, meta)
