@@ -683,8 +683,19 @@ def train_trigger(
 
     if not 2 <= k <= 16:
         raise S2TError(f"--k must be between 2 and 16 (the collected top-K), got {k}")
-    metrics = train_trigger_head(groups, out, slm, label=label, k=k)
-    console.print_json(json.dumps(metrics))
+    m = train_trigger_head(groups, out, slm, label=label, k=k)
+    console.print(
+        f"{m['problems']} problems ({m['skipped_problems']} without the label skipped); the label is true at "
+        f"{m['train_rate']:.1%} of training steps; {m['val_steps']} held-out steps:"
+    )
+    table = Table("trigger (no LLM)", "precision", "recall", "F1", "fires on")
+    for name in ("learned", "entropy", "margin"):
+        if name in m:
+            r = m[name]
+            table.add_row(name, f"{r['precision']:.1%}", f"{r['recall']:.1%}", f"{r['f1']:.3f}", f"{r['fired']:.1%}")
+    if m["val_steps"]:
+        console.print(table)
+    console.print(f"written to {out} (all metrics under 'metrics')")
 
 
 @app.command()
