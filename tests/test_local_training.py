@@ -653,6 +653,8 @@ def test_flip_label_is_where_s2t_would_change_the_token(collected, tmp_path, cap
     metrics = train_trigger_head(old, tmp_path / "flip.json", "tiny-slm", epochs=20, label="flip")
     assert metrics["label"] == "flip" and metrics["skipped_problems"] == 1
     assert json.loads((tmp_path / "flip.json").read_text())["label"] == "flip@8"
+    assert main(["train-trigger", "--groups", str(old), "--out", str(tmp_path / "cli.json"), "--label", "flip"]) == 0
+    assert "1 without the label skipped" in capsys.readouterr().out
 
     for f in files[1:]:
         z = dict(np.load(f))
