@@ -1,6 +1,7 @@
 """Accuracy of each policy on the items every policy of a run finished (a run stopped part way, or sharded),
 with Wilson 95% intervals, paired against the run's own greedy (fixed, broken, exact McNemar p), beside
-other runs' policies on the items they share.
+other runs' policies on the items they share. A policy that ran on fewer items than the others (added to
+the run later) is paired with greedy on its own items.
 
     python benchmarks/paired_table.py runs/frontier --reference docs/measurements/gsm8k200_run2/results.jsonl.gz \
         --reference docs/measurements/gsm8k100_llama_shards0-1/results.jsonl.gz
@@ -32,17 +33,22 @@ def main() -> None:
     for f in files:
         for r in rows_of(f):
             by.setdefault(r["policy"], {})[r["item"]] = r
-    common = sorted(set.intersection(*(set(v) for v in by.values())))
-    print(f"items every policy finished: {len(common)}")
+    most = max(len(v) for v in by.values())  # a policy added later may have run on part of the items
+    full = [p for p, v in by.items() if len(v) == most]
+    common = sorted(set.intersection(*(set(by[p]) for p in full)))
+    print(f"items every policy with {most} items finished: {len(common)}")
     greedy = by.get("greedy")
     for policy, items in by.items():
-        k = sum(items[i]["correct"] for i in common)
-        lo, hi = wilson(k, len(common))
-        line = f"{policy}: {k}/{len(common)} = {k / len(common):.1%} (95% CI {lo:.1%}-{hi:.1%})"
+        mine = common if policy in full else sorted(set(items) & set(greedy or items))
+        k = sum(items[i]["correct"] for i in mine)
+        lo, hi = wilson(k, len(mine))
+        line = f"{policy}: {k}/{len(mine)} = {k / len(mine):.1%} (95% CI {lo:.1%}-{hi:.1%})"
         if greedy is not None and policy != "greedy":  # paired against this run's greedy on the same items
-            fixed = sum(items[i]["correct"] and not greedy[i]["correct"] for i in common)
-            broken = sum(greedy[i]["correct"] and not items[i]["correct"] for i in common)
+            fixed = sum(items[i]["correct"] and not greedy[i]["correct"] for i in mine)
+            broken = sum(greedy[i]["correct"] and not items[i]["correct"] for i in mine)
             line += f"; vs greedy: fixed {fixed}, broken {broken}, McNemar p = {mcnemar(fixed, broken):.3g}"
+            if policy not in full:
+                line += f" (on its {len(mine)} items, where greedy solved {sum(greedy[i]['correct'] for i in mine)})"
         print(line)
     for path in args.reference:  # each policy of another run on the items it shares with these
         ref: dict[str, dict[str, bool]] = {}
@@ -50,7 +56,7 @@ def main() -> None:
             ref.setdefault(r["policy"], {})[r["item"]] = r["correct"]
         for policy, done in ref.items():
             shared = [i for i in common if i in done]
-            mine = {p: sum(by[p][i]["correct"] for i in shared) for p in by}
+            mine = {p: sum(by[p][i]["correct"] for i in shared) for p in full}
             theirs = f"{sum(done[i] for i in shared)}/{len(shared)}"
             here = ", ".join(f"{p} {k}" for p, k in mine.items())
             print(f"{path.parent.name} {policy}: {theirs} on the shared items (this run there: {here})")
