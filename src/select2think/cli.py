@@ -269,7 +269,9 @@ def serve(
     served_model_name: str | None = typer.Option(None, help="the id /v1/models lists (default: the model's name)"),
     policy: str = typer.Option("greedy", help="default policy: greedy | sample | llm | takeover | s2t | s2t-local"),
     k: int = typer.Option(8, help="default S2T candidates: the SLM's top-K"),
-    trigger: str | None = typer.Option(None, help="default trigger: never | always | kl | entropy | margin | random"),
+    trigger: str | None = typer.Option(
+        None, help="default trigger: never | always | kl | entropy | margin | random | learned (with --threshold-file)"
+    ),
     threshold: float | None = typer.Option(None, help="default threshold"),
     threshold_file: str | None = typer.Option(None, help="default threshold: JSON from `s2t calibrate`"),
     calibration: list[str] = typer.Option(
@@ -288,7 +290,7 @@ def serve(
     dtype: str = DTYPE,
     device: str = DEVICE,
     backend: str = typer.Option(
-        "hf", help="engine: hf | llama.cpp | auto (llama.cpp when installed and every model has a GGUF)"
+        "hf", help="engine: hf | hf-static | llama.cpp | auto (llama.cpp when installed and every model has a GGUF)"
     ),
     llm_url: str | None = LLM_URL,
     llm_model: str | None = LLM_MODEL,
@@ -434,7 +436,7 @@ def eval_cmd(
     policy: list[str] = typer.Option(
         ["greedy"],
         help="greedy | sample | llm | maj@K | s2t=THRESHOLDS.json | takeover=THRESHOLDS.json | "
-        "s2t-local=SELECTOR,THRESHOLDS.json[,decoupled] (repeatable)",
+        "s2t-local=SELECTOR[,THRESHOLDS.json][,decoupled] (a bundle brings its own trigger) (repeatable)",
     ),
     limit: int | None = typer.Option(None),
     offset: int = typer.Option(0),
