@@ -126,7 +126,8 @@ def step_features(slm_logp: torch.Tensor) -> torch.Tensor:
 
 class LearnedTrigger(Trigger):
     """A logistic head on SLM features (entropy, margin, top-8 probabilities, final hidden state),
-    trained to predict the KL trigger without the LLM. The statistic is the head's logit."""
+    trained to predict the KL trigger (or the steps where S2T changes the token) without the LLM
+    (local/trigger_head.py). The statistic is the head's logit."""
 
     name = "learned"
     needs_hidden = True
