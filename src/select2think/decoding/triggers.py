@@ -138,10 +138,12 @@ class LearnedTrigger(Trigger):
     def statistic(self, slm_logp, llm_logp=None, keys=None, hidden=None):
         if hidden is None:
             raise S2TError("the learned trigger needs the SLM's hidden state")
-        x = torch.cat([step_features(slm_logp), hidden.float()], dim=1)
+        return self.logit(torch.cat([step_features(slm_logp), hidden.float()], dim=1))
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's logit on features [N, 10 + H]: step_features, then the final hidden state."""
         dev = x.device
-        x = (x - self.mean.to(dev)) / self.std.to(dev)
-        return x @ self.weight.to(dev) + self.bias.to(dev)
+        return ((x - self.mean.to(dev)) / self.std.to(dev)) @ self.weight.to(dev) + self.bias.to(dev)
 
 
 TRIGGERS = {

@@ -101,8 +101,8 @@ def train_trigger_head(
         loss.backward()
         opt.step()
     rate = float(yt.mean())
-    logits_train = (Z @ w + b).detach()
-    threshold = float(np.quantile(logits_train.numpy(), 1 - rate))
+    head = LearnedTrigger(w.detach(), b.detach(), mean, std)
+    threshold = float(np.quantile(head.logit(Xt).numpy(), 1 - rate))
     metrics: dict[str, Any] = {
         "label": label,
         "problems": len(set(owner.tolist())),
@@ -113,7 +113,7 @@ def train_trigger_head(
     if val.any():
         Xv = torch.tensor(X[val])
         lv = y[val].astype(bool)
-        learned = (((Xv - mean) / std) @ w.detach() + b.detach()).numpy() > threshold
+        learned = head.logit(Xv).numpy() > threshold
         metrics["learned"] = precision_recall(learned, lv)
         for name, col, sign in (("entropy", 0, 1.0), ("margin", 1, -1.0)):
             thr = np.quantile(sign * X[train][:, col], 1 - rate)
