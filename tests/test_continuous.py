@@ -120,10 +120,15 @@ def llama_pair():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_generate_refills_finished_rows_and_matches_fixed_batches(tiny_pair, thresholds, case):
+def test_generate_refills_finished_rows_and_matches_fixed_batches(tiny_pair, thresholds, case, monkeypatch):
+    from select2think.decoding.offline import PromptQueue
+
     cfg = case_config(case, thresholds, 16)
-    seen = []
+    seen, taken = [], []
+    take = PromptQueue.take
+    monkeypatch.setattr(PromptQueue, "take", lambda self, free: taken.append(len(r := take(self, free))) or r)
     got = generate(tiny_pair, PROMPTS, cfg, batch_size=2, on_finish=lambda i, g: seen.append((i, g.token_ids)))
+    assert taken[0] == 2 and sum(taken[1:]) == len(PROMPTS) - 2  # the other prompts joined as rows freed up
     fixed = generate(tiny_pair, PROMPTS, cfg, batch_size=1, continuous=False)
     assert [g.token_ids for g in got.generations] == [g.token_ids for g in fixed.generations]
     assert sorted(i for i, _ in seen) == list(range(len(PROMPTS)))  # each prompt handed over once, as it ends
@@ -155,9 +160,17 @@ def test_the_lazy_llm_reads_each_row_only_at_its_own_triggers(tiny_pair, thresho
     are what they are when it decodes alone (one forward per trigger, nothing after its last one)."""
     cfg = DecodeConfig(policy="s2t", trigger="entropy", threshold=thresholds["entropy"], k=4, max_new_tokens=20)
     batched = generate(tiny_pair, PROMPTS, cfg, batch_size=len(PROMPTS)).generations
+    refilled = generate(tiny_pair, PROMPTS, cfg, batch_size=2).generations  # rows joining mid-decode
     solo = [generate(tiny_pair, [p], cfg, batch_size=1).generations[0] for p in PROMPTS]
-    for b, s in zip(batched, solo, strict=True):
-        assert b.token_ids == s.token_ids
-        assert (b.llm_forwards, b.llm_tokens) == (s.llm_forwards, s.llm_tokens)
+    for b, r, s in zip(batched, refilled, solo, strict=True):
+        assert b.token_ids == r.token_ids == s.token_ids
+        assert (b.llm_forwards, b.llm_tokens) == (r.llm_forwards, r.llm_tokens) == (s.llm_forwards, s.llm_tokens)
         assert b.llm_forwards == b.triggers
     assert sum(b.triggers for b in batched) > 0
+
+
+def test_an_empty_prompt_is_refused(tiny_pair):
+    from select2think import S2TError
+
+    with pytest.raises(S2TError, match="prompt 1 has no tokens"):
+        generate(tiny_pair, ["", ""], DecodeConfig(max_new_tokens=4), prompt_ids=[[1, 2], []])

@@ -179,7 +179,7 @@ def generate(
 ) -> GenerateResult:
     """Decode `prompts` with the configured policy. Batched output equals unbatched output.
 
-    With more prompts than `batch_size` and `continuous` (on engines that admit rows mid-batch), a finished
+    With more prompts than `batch_size` > 1 and `continuous` (on engines that admit rows mid-batch), a finished
     row's slot takes the next prompt at once (decoding.offline); otherwise prompts go in fixed batches.
     `on_finish(i, generation)` is called as prompt i's row finishes.
     `recorder` (decoding.record) sees every committed step: its row (the prompt's index), step, token,
@@ -192,8 +192,13 @@ def generate(
     if recorder is not None and cfg.info.path in ("local", "llm-alone"):
         raise S2TError(f"recording decode steps is not supported for policy {cfg.policy}")
     encoded = prompt_ids if prompt_ids is not None else encode_prompts(pair.tokenizer, prompts, cfg.chat_template)
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise S2TError(f"prompt {empty[0]} has no tokens: there is nothing to decode from")
     seeds = row_seeds if row_seeds is not None else list(range(len(encoded)))
-    refill = continuous and len(encoded) > batch_size and all(b.capabilities.admission for b in dec.backends)
+    refill = (  # batch 1 decodes each prompt alone, in a fresh cache
+        continuous and 1 < batch_size < len(encoded) and all(b.capabilities.admission for b in dec.backends)
+    )
     with hidden_kept(pair.slm, recorder is not None and recorder.wants_hidden, "recording hidden states"):
         if refill:
             queue = PromptQueue(encoded, seeds, lambda: dec.row(on_commit=on_commit), on_finish)
