@@ -174,3 +174,21 @@ def test_an_empty_prompt_is_refused(tiny_pair):
 
     with pytest.raises(S2TError, match="prompt 1 has no tokens"):
         generate(tiny_pair, ["", ""], DecodeConfig(max_new_tokens=4), prompt_ids=[[1, 2], []])
+
+
+def test_the_learned_trigger_under_refill_matches_solo(tiny_pair):
+    """The lazy path hands the SLM's hidden states to a learned trigger: rows joining mid-decode must see
+    their own (a slot's previous prompt's state would change where it fires)."""
+    import torch
+
+    from select2think.decoding.triggers import LearnedTrigger
+
+    gen = torch.Generator().manual_seed(0)
+    width = 10 + tiny_pair.slm.hidden_size
+    head = LearnedTrigger(torch.randn(width, generator=gen), torch.zeros(1), torch.zeros(width), torch.ones(width))
+    cfg = DecodeConfig(policy="s2t", trigger="learned", threshold=0.0, k=4, max_new_tokens=16)
+    refilled = generate(tiny_pair, PROMPTS, cfg, batch_size=2, trigger=head).generations
+    solo = [generate(tiny_pair, [p], cfg, batch_size=1, trigger=head).generations[0] for p in PROMPTS]
+    assert [g.token_ids for g in refilled] == [g.token_ids for g in solo]
+    assert [g.triggers for g in refilled] == [g.triggers for g in solo]
+    assert 0 < sum(g.triggers for g in refilled) < sum(len(g.token_ids) for g in refilled)
