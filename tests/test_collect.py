@@ -244,8 +244,8 @@ def test_candidate_hidden_from_collect_is_what_head_only_computes(tmp_path, monk
     from select2think.local.objective import TrainConfig
 
     out = tmp_path / "g"
-    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 2, "max_new_tokens": 16}
-    run_collect(_cfg(out=str(out), candidate_hidden=True, **kw), progress=False)
+    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 3, "max_new_tokens": 16}
+    run_collect(_cfg(out=str(out), candidate_hidden=True, batch_size=2, **kw), progress=False)  # the third refills
     groups = load_groups(out)
     z = np.load(out / "features" / f"{groups[0]['item']}.npz")
     assert len(z["cand_steps"]) == len([g for g in groups if g["item"] == groups[0]["item"]])  # short prompts
