@@ -639,6 +639,7 @@ def test_flip_label_is_where_s2t_would_change_the_token(collected, tmp_path, cap
         z = np.load(collected / "groups" / "features" / f"{g['item']}.npz")
         want = int(np.argmax(g["llm_probs"][:8])) != 0
         assert bool(step_labels(z, "flip", 8)[g["step"]]) == want
+        assert not step_labels(z, "flip", 8)[:3].any()  # the warm-up never triggers
         n_flips += want
     assert 0 < n_flips < len(groups)
 

@@ -24,8 +24,9 @@ from .split import validation_problems
 LABELS = ("kl", "flip")
 
 
-def step_labels(z, label: str, k: int = 8) -> np.ndarray | None:
-    """One problem's per-step labels (see the module's docstring); None where its file predates `llm_top`."""
+def step_labels(z, label: str, k: int = 8, warmup: int = 3) -> np.ndarray | None:
+    """One problem's per-step labels (see the module's docstring), false in the first `warmup` steps, where
+    no trigger fires; None where its file predates `llm_top`."""
     if label == "kl":
         return z["label"]
     if label != "flip":
@@ -34,7 +35,9 @@ def step_labels(z, label: str, k: int = 8) -> np.ndarray | None:
         return None
     if z["llm_top"].shape[1] < k:
         raise S2TError(f"--k {k} is more candidates than were collected ({z['llm_top'].shape[1]})")
-    return z["llm_top"][:, :k].argmax(1) != 0  # ties keep the top-1, as S2T's selection does
+    flip = z["llm_top"][:, :k].argmax(1) != 0  # ties keep the top-1, as S2T's selection does
+    flip[:warmup] = False
+    return flip
 
 
 def load_features(groups_dir: str | Path, label: str = "kl", k: int = 8):
@@ -42,12 +45,14 @@ def load_features(groups_dir: str | Path, label: str = "kl", k: int = 8):
     files = sorted((Path(groups_dir) / "features").glob("*.npz"))
     if not files:
         raise S2TError(f"no features in {groups_dir}/features: run `s2t collect` first")
+    meta = Path(groups_dir) / "collect.json"
+    warmup = read_json(meta, "collect settings")["identity"].get("warmup", 3) if meta.is_file() else 3
     xs, ys, owners, skipped = [], [], [], 0
     for f in files:
         z = np.load(f)
         if "hidden" not in z:
             raise S2TError(f"{f} has no hidden states: collect with a backend that gives them (hf)")
-        y = step_labels(z, label, k)
+        y = step_labels(z, label, k, warmup)
         if y is None:
             skipped += 1
             continue
