@@ -2,6 +2,7 @@
 teacher-force both models over the trajectory); both trajectories; shards, resume and refusals; enough
 gsm_symbolic training problems."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -284,3 +285,27 @@ def test_head_only_computes_a_problems_groups_in_one_tree_pass_as_each_alone(tmp
         ref = candidate_hidden(model, g["context"], g["candidates"], "tree", with_prefix=True)
         assert torch.allclose(h, ref[1:].float(), atol=1e-4)
         assert torch.allclose(lp, prefix_logp(model, ref[:1], torch.tensor([g["candidates"]]), V)[0], atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_candidate_hidden_collected_on_llamacpp_are_its_sibling_states(tmp_path):
+    """On llama.cpp the candidates' hidden states come from llama.cpp itself (the engine the selector will
+    decode on): each group's equal the tiny model's in transformers to llama.cpp's precision."""
+    from select2think import load_pair
+    from select2think.local.head_only import computed
+
+    out = tmp_path / "g"
+    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 3, "max_new_tokens": 16}
+    run_collect(_cfg(out=str(out), candidate_hidden=True, batch_size=2, backend="llama.cpp", **kw), progress=False)
+    groups = load_groups(out)
+    hf = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    n = 0
+    for item in {g["item"] for g in groups}:
+        mine = [g for g in groups if g["item"] == item]
+        z = np.load(out / "features" / f"{item}.npz")
+        assert z["cand_steps"].tolist() == [g["step"] for g in mine]  # short prompts: every group is whole
+        ref = torch.stack([h for h, _ in computed(hf.slm_module(), mine, hf.vocab_size)])
+        got = torch.from_numpy(z["cand_hidden"].astype(np.float32))
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        n += len(mine)
+    assert n > 3

@@ -542,8 +542,8 @@ def collect(
     shard: str = typer.Option("0/1", help="i/n: items i, i+n, ... into groups.shardIofN.jsonl (train merges shards)"),
     candidate_hidden: bool = typer.Option(
         False,
-        help="also write the candidates' hidden states for `s2t train --head-only` "
-        "(one tree forward per trajectory; hf backend)",
+        help="also write the candidates' hidden states for `s2t train --head-only`, from the decoding engine "
+        "(one more pass over each trajectory)",
     ),
 ):
     """Collect the LLM's selections at kl-triggered steps as S2T-Local training groups, in one pass per problem

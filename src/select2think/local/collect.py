@@ -20,10 +20,11 @@ two labels a learned trigger can be trained on (`s2t train-trigger --label kl|fl
 Candidates' hidden states (head-only training): the decode has the SLM's hidden state at each step's
 prefix (the learned trigger's input), not the hidden states of the K candidate tokens placed after it,
 and draft and verify's SLM cache has moved past a step by the time the LLM says it fired. So with
-`--candidate-hidden` (transformers backend) one extra SLM forward per problem (per 32 groups) lays the
-trajectory out as a tree, every group's K candidates as siblings after their prefix, and writes their
-hidden states (fp16) and log-probs into `features/ITEM.npz` for the groups whose context is their whole
-prefix; `local/head_only.py` reads those and runs its own forward (one per group) only for the rest.
+`--candidate-hidden` a second cache on the decoding SLM's weights passes over each finished trajectory
+once, scoring every group's K candidates as siblings after their prefix, and writes their hidden states
+(fp16) into `features/ITEM.npz` for the groups whose context is their whole prefix: the selector then
+trains on the hidden states of the engine that will decode with it (llama.cpp's or transformers').
+`local/head_only.py` reads those and runs its own forward (transformers) only for the rest.
 
 Shards (`--shard i/n`) take items i, i+n, ... of the dataset and append to their own
 `groups.shardIofN.jsonl` (one shard: `groups.jsonl`); `objective.load_groups` merges them. Features are one
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backends.base import Backend
 from ..data.datasets import load_dataset, refuse_test
 from ..data.prompts import math_prompt
 from ..decoding import DecodeConfig, generate
@@ -96,7 +98,7 @@ class CollectConfig:
     backend: str = "hf"
     trajectory: str = "s2t"
     shard: tuple[int, int] = field(default=(0, 1))
-    candidate_hidden: bool = False  # also the candidates' hidden states for head-only training (hf backend)
+    candidate_hidden: bool = False  # also the candidates' hidden states for head-only training
 
     def __post_init__(self):
         if self.limit < 1:
@@ -281,13 +283,18 @@ def collect_rows(
     rec.wants_hidden = pair.slm.capabilities.hidden_states
     vocab = Vocab.of(pair)
 
+    if cfg.candidate_hidden:
+        pair.slm.require("hidden_states", "--candidate-hidden")
+        pair.slm.require("sibling_scoring", "--candidate-hidden")
+        features_slm = pair.slm.spawn()  # the decode's cache stays untouched
+
     def finished(r: int, g: Generation) -> None:
         p_ids, l_lp = prompt_ids[r], None
         if cfg.trajectory == "slm":
             l_lp, _ = step_logprobs(pair.require_llm(), p_ids, g.token_ids, vocab)
         groups, feats = rec.finish(r, p_ids, g.token_ids, threshold, cfg.warmup, l_lp)
         if cfg.candidate_hidden:
-            feats.update(candidate_features(pair, p_ids + g.token_ids, len(p_ids), groups))
+            feats.update(candidate_features(features_slm, p_ids + g.token_ids, len(p_ids), groups))
         on_problem(r, (g.token_ids, groups, feats))
 
     generate(
@@ -301,30 +308,43 @@ def collect_rows(
     )
 
 
-def candidate_features(pair, ids: list[int], prompt_len: int, groups: list[dict]) -> dict:
+def candidate_features(slm: Backend, ids: list[int], prompt_len: int, groups: list[dict]) -> dict:
     """Head-only training's inputs for the groups whose context is the whole prefix (not cut to CONTEXT
     tokens; the others are left to head_only's own pass): their steps, candidates, the candidates' final
-    hidden states (fp16) and the SLM's log-probs of them, computed as head-only training would
-    (`head_only.computed`: one tree forward over the trajectory per 32 groups)."""
-    from .head_only import computed
-
-    model = pair.slm_module()
+    hidden states (fp16) from the engine that decodes, and their SLM log-probs as the decode recorded them
+    (head_only.recorded_prior's values). `slm` is a spawn of the decoding SLM (its own cache): one pass over
+    the trajectory, and at each group one sibling forward of its K candidates."""
     whole = [g for g in groups if prompt_len + g["step"] <= CONTEXT]
-    H = model.get_output_embeddings().weight.shape[1]
-    if not whole:
-        return {
-            "cand_steps": np.zeros(0, np.int64),
-            "cand_ids": np.zeros((0, 0), np.int64),
-            "cand_hidden": np.zeros((0, 0, H), np.float16),
-            "cand_logp": np.zeros((0, 0), np.float32),
-        }
-    got = computed(model, [dict(g, item="") for g in whole], pair.vocab_size)
+    hidden = sibling_hidden(slm, ids, [prompt_len + g["step"] for g in whole], [g["candidates"] for g in whole])
+    K = len(whole[0]["candidates"]) if whole else 0
     return {
-        "cand_steps": np.array([g["step"] for g in whole], np.int64),
-        "cand_ids": np.array([g["candidates"] for g in whole], np.int64),
-        "cand_hidden": torch.stack([h for h, _ in got]).cpu().numpy().astype(np.float16),
-        "cand_logp": torch.stack([lp for _, lp in got]).float().cpu().numpy(),
+        "cand_steps": np.array([g["step"] for g in whole], np.int64).reshape(len(whole)),
+        "cand_ids": np.array([g["candidates"] for g in whole], np.int64).reshape(len(whole), K),
+        "cand_hidden": hidden.numpy().astype(np.float16).reshape(len(whole), K, slm.hidden_size),
+        "cand_logp": np.log(np.array([g["slm_probs"] for g in whole], np.float32)).reshape(len(whole), K),
     }
+
+
+@torch.no_grad()
+def sibling_hidden(slm: Backend, ids: list[int], ends: list[int], cands: list[list[int]]) -> torch.Tensor:
+    """[G, K, H] fp32: the final hidden state of each candidate cands[g] placed right after ids[: ends[g]]
+    (ends ascending), in one pass over `ids` on `slm`'s cache (which it resets)."""
+    out = torch.zeros(len(ends), len(cands[0]) if cands else 0, slm.hidden_size)
+    slm.reset(1)
+    done = 0
+    try:
+        for g, (end, cand) in enumerate(zip(ends, cands, strict=True)):
+            if end > done:
+                slm.want_hidden = False
+                chunk = torch.tensor([ids[done:end]])
+                slm.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), logits=False)
+                done = end
+            slm.want_hidden = True
+            slm.score_siblings([0], torch.tensor([cand]), logits=False)
+            out[g] = slm.hidden()[0]
+    finally:
+        slm.want_hidden = False
+    return out
 
 
 def run_collect(cfg: CollectConfig, progress: bool = True) -> Path:

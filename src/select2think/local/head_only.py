@@ -6,7 +6,8 @@ backbone runs once per problem (one tree forward over its trajectory, `computed`
 beside the groups (`GROUPS/head_features/...`, in chunks: a killed run keeps what it computed, later
 runs reuse it), and each epoch after that is a few small matrix products: many epochs in seconds
 instead of a backbone forward per group per epoch. Groups collected with `s2t collect
---candidate-hidden` (same SLM and dtype, computed by the same function) bring their candidates' hidden states along
+--candidate-hidden` (same SLM and dtype) bring their candidates' hidden states along, from the engine that
+collected (so a llama.cpp collection trains the rows on llama.cpp's states, the ones it decodes with)
 (`CollectedCandidates`). Validation runs every epoch and the best epoch's rows are kept (the
 untrained rows, i.e. greedy, if no epoch beats them), or with `keep="last"` the last epoch's: choose the
 settings by cross-validation on the training problems (benchmarks/head_sweep.py) and the validation
@@ -44,8 +45,9 @@ def feature_dir(cfg: TrainConfig) -> Path:
 
 class CollectedCandidates:
     """The candidates' hidden states and log-probs `s2t collect --candidate-hidden` wrote beside the groups
-    (features/ITEM.npz), where they are what this module would compute: the same SLM and dtype, the tree
-    layout, and the same candidates. `self(group)` -> (hidden [K, H] fp32, logp [K]) or None."""
+    (features/ITEM.npz), where they stand for what this module would compute: the same SLM and dtype, the
+    tree layout, and the same candidates (on transformers, equal to its own pass; on llama.cpp, that engine's
+    states). `self(group)` -> (hidden [K, H] fp32, logp [K]) or None."""
 
     def __init__(self, cfg: TrainConfig):
         self.dir = Path(cfg.groups) / "features"
