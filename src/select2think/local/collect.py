@@ -67,6 +67,7 @@ from ..io import (
 )
 from ..models.chat import encode_prompts
 from ..progress import Progress
+from .head_only import recorded_prior
 from .objective import CONTEXT, group_files
 
 GROUP_K = 16
@@ -312,7 +313,7 @@ def candidate_features(slm: Backend, ids: list[int], prompt_len: int, groups: li
     """Head-only training's inputs for the groups whose context is the whole prefix (not cut to CONTEXT
     tokens; the others are left to head_only's own pass): their steps, candidates, the candidates' final
     hidden states (fp16) from the engine that decodes, and their SLM log-probs as the decode recorded them
-    (head_only.recorded_prior's values). `slm` is a spawn of the decoding SLM (its own cache): one pass over
+    (head_only.recorded_prior). `slm` is a spawn of the decoding SLM (its own cache): one pass over
     the trajectory, and at each group one sibling forward of its K candidates."""
     whole = [g for g in groups if prompt_len + g["step"] <= CONTEXT]
     hidden = sibling_hidden(slm, ids, [prompt_len + g["step"] for g in whole], [g["candidates"] for g in whole])
@@ -321,7 +322,7 @@ def candidate_features(slm: Backend, ids: list[int], prompt_len: int, groups: li
         "cand_steps": np.array([g["step"] for g in whole], np.int64).reshape(len(whole)),
         "cand_ids": np.array([g["candidates"] for g in whole], np.int64).reshape(len(whole), K),
         "cand_hidden": hidden.numpy().astype(np.float16).reshape(len(whole), K, slm.hidden_size),
-        "cand_logp": np.log(np.array([g["slm_probs"] for g in whole], np.float32)).reshape(len(whole), K),
+        "cand_logp": recorded_prior(whole).numpy().reshape(len(whole), K),
     }
 
 
