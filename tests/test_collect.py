@@ -48,6 +48,9 @@ def two_pass(pair, prompt_ids, gen, threshold, k, warmup):
         "features": step_features(s_lp).numpy(),
         "hidden": h.numpy(),
         "llm_top": l_lp.gather(-1, top_i).numpy(),
+        "ids": np.asarray(ids),
+        "top_i": top_i.numpy(),
+        "top_logp": top_p.numpy(),
     }
     return groups, feats
 
@@ -66,6 +69,9 @@ def _assert_same(pair, prompt_ids, got, k=16, warmup=3):
         assert (feats["label"] == ref["label"]).all()
         assert np.allclose(feats["features"], ref["features"], atol=1e-4)
         assert np.allclose(feats["llm_top"], ref["llm_top"], atol=1e-4)
+        assert (feats["ids"] == ref["ids"]).all() and int(feats["prompt_len"]) == len(p_ids)
+        assert (feats["top_i"] == ref["top_i"]).all()
+        assert np.allclose(feats["top_logp"], ref["top_logp"], atol=1e-4)
         assert np.allclose(feats["hidden"].astype(np.float32), ref["hidden"], atol=2e-2)  # fp16 on disk
         assert [g["step"] for g in groups] == [g["step"] for g in ref_groups]
         for g, r in zip(groups, ref_groups, strict=True):
@@ -175,6 +181,27 @@ def test_shards_merge_into_the_unsharded_groups_and_resume(tmp_path):
         run_collect(_cfg(out=str(sharded), shard=(0, 3), **kw), progress=False)
     with pytest.raises(S2TError, match="trajectory"):
         run_collect(_cfg(out=str(sharded), shard=(0, 2), **{**kw, "trajectory": "s2t"}), progress=False)
+
+
+def test_groups_rebuilt_from_a_problems_features_file_equal_the_written_ones(tmp_path):
+    """features/ITEM.npz holds the trajectory and every step's top-K, so a group can be built at any step
+    later (say where an SLM-only trigger fires): at the kl firings it is exactly the group written."""
+    from select2think.local.collect import step_groups
+
+    out = tmp_path / "g"
+    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 2, "max_new_tokens": 16}
+    run_collect(_cfg(out=str(out), trajectory="slm", **kw), progress=False)
+    groups = load_groups(out)
+    assert groups
+    for item in {g["item"] for g in groups}:
+        z = dict(np.load(out / "features" / f"{item}.npz"))
+        written = [{k: v for k, v in g.items() if k != "item"} for g in groups if g["item"] == item]
+        rebuilt = step_groups(z, np.flatnonzero(z["label"]).tolist())
+        assert [g["step"] for g in rebuilt] == [g["step"] for g in written]
+        for a, b in zip(rebuilt, written, strict=True):
+            assert a["context"] == b["context"] and a["candidates"] == b["candidates"]
+            assert np.allclose(a["llm_probs"], b["llm_probs"]) and np.allclose(a["slm_probs"], b["slm_probs"])
+        assert len(step_groups(z, list(range(len(z["label"]))))) == len(z["label"])  # any step at all
 
 
 def test_old_directories_without_a_trajectory_resume_as_s2t(tmp_path):

@@ -226,25 +226,37 @@ class GroupRecorder:
             stat = KLTrigger().on_support(torch.stack(rec["sup_p"]), llm_logp.gather(-1, torch.stack(rec["sup_i"])))
         fired = (stat > threshold) & (torch.arange(len(gen)) >= warmup)
         ids = prompt_ids + gen
-        groups = [
-            {
-                "step": t,
-                "context": ids[: len(prompt_ids) + t][-CONTEXT:],
-                "candidates": top_i[t].tolist(),
-                "llm_probs": llm[t].exp().tolist(),
-                "slm_probs": top_p[t].exp().tolist(),
-            }
-            for t in fired.nonzero().flatten().tolist()
-        ]
         feats = {
             "stat": stat.numpy(),
             "label": fired.numpy(),
             "features": torch.stack(rec["feat"]).numpy().astype(np.float32),
             "llm_top": llm.float().numpy(),  # the LLM's log-probs on the SLM's top-K at every step (flip labels)
+            # enough to build a group at ANY step later (`step_groups`), e.g. where an SLM-only trigger fires
+            "ids": np.asarray(ids, np.int32),
+            "prompt_len": np.int32(len(prompt_ids)),
+            "top_i": top_i.numpy().astype(np.int32),
+            "top_logp": top_p.float().numpy(),
         }
+        groups = step_groups(feats, fired.nonzero().flatten().tolist())
         if rec["hidden"] and rec["hidden"][0] is not None:
             feats["hidden"] = torch.stack(rec["hidden"]).numpy().astype(np.float16)
         return groups, feats
+
+
+def step_groups(feats: dict, steps: list[int]) -> list[dict]:
+    """A problem's training groups at `steps` from its features (`features/ITEM.npz` or `finish`'s dict):
+    the context before the step, the SLM's top-K, the LLM's probabilities on them and the SLM's."""
+    ids, n = [int(t) for t in feats["ids"]], int(feats["prompt_len"])
+    return [
+        {
+            "step": t,
+            "context": ids[: n + t][-CONTEXT:],
+            "candidates": [int(c) for c in feats["top_i"][t]],
+            "llm_probs": np.exp(feats["llm_top"][t].astype(np.float64)).tolist(),
+            "slm_probs": np.exp(feats["top_logp"][t].astype(np.float64)).tolist(),
+        }
+        for t in steps
+    ]
 
 
 def decode_config(cfg: CollectConfig, threshold: float) -> DecodeConfig:
