@@ -204,6 +204,64 @@ def test_groups_rebuilt_from_a_problems_features_file_equal_the_written_ones(tmp
         assert len(step_groups(z, list(range(len(z["label"]))))) == len(z["label"])  # any step at all
 
 
+def test_regroup_builds_the_groups_where_an_slm_only_trigger_fires(tmp_path, capsys):
+    """`s2t regroup`: from a collection's records alone, a group at every step (after the warm-up) where the
+    entropy trigger's statistic exceeds its threshold; problems from before the records are skipped; the
+    result trains like a collection; kl files and an existing directory are refused in one line."""
+    from select2think.local.collect import step_groups
+
+    src = tmp_path / "src"
+    kw = {"dataset": "gsm_symbolic:train", "threshold_file": _thr_file(tmp_path), "limit": 3, "max_new_tokens": 16}
+    run_collect(_cfg(out=str(src), trajectory="slm", **kw), progress=False)
+    old = sorted((src / "features").glob("*.npz"))[0]  # as if collected before session 11
+    z = dict(np.load(old))
+    for key in ("ids", "prompt_len", "top_i", "top_logp"):
+        z.pop(key)
+    np.savez(old, **z)
+    feats = {f.stem: dict(np.load(f)) for f in (src / "features").glob("*.npz")}
+    median = float(np.median(np.concatenate([f["features"][:, 0] for f in feats.values()])))
+    thr = tmp_path / "entropy.json"
+    thr.write_text(json.dumps({"trigger": "entropy", "threshold": median, "slm": "tiny-slm"}))
+    out = tmp_path / "regrouped"
+    assert main(["regroup", "--groups", str(src), "--threshold-file", str(thr), "--out", str(out)]) == 0
+    assert "1 collected before" in capsys.readouterr().out
+    got = load_groups(out)
+    assert {g["item"] for g in got} <= set(feats) - {old.stem}
+    for item, z in feats.items():
+        if item == old.stem:
+            continue
+        steps = [t for t in range(len(z["label"])) if t >= 3 and z["features"][t, 0] > median]
+        assert [g["step"] for g in got if g["item"] == item] == steps
+        mine = [{k: v for k, v in g.items() if k != "item"} for g in got if g["item"] == item]
+        assert mine == json.loads(json.dumps(step_groups(z, steps)))
+    assert len(got) > 5 and (out / "features").resolve() == (src / "features").resolve()
+    assert (
+        main(
+            [
+                "train",
+                "--slm",
+                "tiny-slm",
+                "--groups",
+                str(out),
+                "--out",
+                str(tmp_path / "sel"),
+                "--head-only",
+                "--epochs",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert main(["regroup", "--groups", str(src), "--threshold-file", str(thr), "--out", str(out)]) == 2
+    assert "new directory" in capsys.readouterr().err
+    assert (
+        main(["regroup", "--groups", str(src), "--threshold-file", _thr_file(tmp_path), "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "SLM-only" in capsys.readouterr().err
+
+
 def test_old_directories_without_a_trajectory_resume_as_s2t(tmp_path):
     from select2think.local.collect import check_settings
 

@@ -41,6 +41,24 @@ def test_entropy_and_margin():
     assert MarginTrigger().statistic(peaked).item() == pytest.approx(1 - 0.85, rel=1e-5)
 
 
+def test_statistics_from_recorded_features_equal_the_live_ones():
+    """`s2t regroup` computes SLM-only triggers from features/ITEM.npz: the same numbers as decoding."""
+    from select2think.decoding.triggers import LearnedTrigger, statistic_from_features, step_features
+
+    g = torch.Generator().manual_seed(0)
+    slm_logp = torch.log_softmax(3 * torch.randn(20, 100, generator=g), -1)
+    hidden = torch.randn(20, 6, generator=g)
+    feats = step_features(slm_logp)
+    learned = LearnedTrigger(torch.randn(16, generator=g), torch.tensor(0.1), torch.zeros(16), torch.ones(16))
+    for trig in (EntropyTrigger(), MarginTrigger(), learned):
+        live = trig.statistic(slm_logp, hidden=hidden)
+        assert torch.allclose(statistic_from_features(trig, feats, hidden), live, atol=1e-5)
+    with pytest.raises(S2TError, match="kl"):
+        statistic_from_features(KLTrigger(), feats)
+    with pytest.raises(S2TError, match="hidden"):
+        statistic_from_features(learned, feats)
+
+
 def test_random_trigger_is_keyed_not_stateful():
     t = RandomTrigger(seed=3)
     x = torch.zeros(3, 5)

@@ -574,6 +574,27 @@ def collect(
 
 
 @app.command()
+def regroup(
+    groups: str = typer.Option(..., help="directory from `s2t collect`"),
+    threshold_file: str = typer.Option(
+        ..., help="an SLM-only trigger (entropy, margin or learned): groups where it fires"
+    ),
+    out: str = typer.Option(..., help="new groups directory (shares the collection's features)"),
+):
+    """Training groups at the steps an SLM-only trigger fires (the steps S2T-Local will be asked about),
+    rebuilt from a collection's per-step records: no model runs."""
+    from .local.regroup import regroup as run
+
+    m = run(groups, threshold_file, out)
+    console.print(
+        f"{m['groups']} groups from {m['problems']} problems ({m['skipped']} collected before every step's top-K "
+        f"was recorded skipped): the trigger fired at {m['groups'] / max(m['steps'], 1):.1%} of steps, and the "
+        f"LLM's pick in the top-8 is not the SLM's top-1 in {m['flips'] / max(m['groups'], 1):.1%} of the groups; "
+        f"written to {out}"
+    )
+
+
+@app.command()
 def train(
     slm: str = typer.Option("qwen2.5-coder-0.5b-instruct"),
     groups: str = typer.Option(..., help="directory from `s2t collect`"),

@@ -156,6 +156,22 @@ TRIGGERS = {
 }
 
 
+def statistic_from_features(
+    trigger: Trigger, features: torch.Tensor, hidden: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An SLM-only trigger's statistic [N] from recorded `step_features` [N, 10] (and final hidden states
+    [N, H] for the learned one): what `trigger.statistic` gives on the log-probs they were computed from."""
+    if isinstance(trigger, LearnedTrigger):
+        if hidden is None:
+            raise S2TError("the learned trigger needs the SLM's hidden states, and none were recorded")
+        return trigger.logit(torch.cat([features.float(), hidden.float()], dim=1))
+    if isinstance(trigger, EntropyTrigger):
+        return features[:, 0]
+    if isinstance(trigger, MarginTrigger):
+        return 1.0 - features[:, 1]
+    raise S2TError(f"the {trigger.name} trigger's statistic cannot be computed from recorded SLM features")
+
+
 def make_trigger(name: str, reverse_kl: bool = False, seed: int = 0) -> Trigger:
     if name == "learned":
         raise S2TError("the learned trigger is loaded from `s2t train-trigger`'s file: pass it as --threshold-file")
