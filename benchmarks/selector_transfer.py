@@ -1,0 +1,73 @@
+"""Score trained head-only selectors on one groups directory's held-out problems: which selector does better
+on the steps S2T-Local will be asked about?
+
+    .venv/bin/python benchmarks/selector_transfer.py --groups REGROUPED --selector HEAD_A --selector HEAD_B \\
+        --out docs/measurements/selector/transfer.json
+
+Typical use: REGROUPED is `s2t regroup`'s output for the trigger S2T-Local decodes with; HEAD_A was trained
+on kl firings of other problems, HEAD_B on REGROUPED's own training problems. Both are scored on the
+validation problems `s2t train` holds out of REGROUPED (never trained on by HEAD_B; HEAD_A must come from
+problems not in REGROUPED, which the script checks), with and without each selector's own gate. Needs the
+hidden-state cache one `s2t train --head-only` run leaves beside the groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from head_sweep import cached_features
+from select2think.io import read_json
+from select2think.local.head_only import head_metrics
+from select2think.local.objective import TrainConfig, load_groups, split_groups
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", required=True)
+    ap.add_argument("--selector", action="append", required=True, help="`s2t train --head-only` output (repeat)")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    cfg = TrainConfig(slm="qwen2.5-coder-0.5b-instruct", groups=args.groups, out="-", dtype=args.dtype, head_only=True)
+    groups = load_groups(args.groups)
+    hidden, logp = cached_features(cfg, groups)
+    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
+    q = q / q.sum(-1, keepdim=True)
+    _, val = split_groups(groups, cfg)
+    where = {id(g): i for i, g in enumerate(groups)}
+    va = torch.tensor([where[id(g)] for g in val])
+    held_out = {g["item"] for g in val}
+    results = []
+    for sel in map(Path, args.selector):
+        meta = read_json(sel / "selector.json", "selector metadata")
+        trained_on = Path(meta["config"]["groups"])
+        seen = {g["item"] for g in load_groups(trained_on)} & held_out
+        if seen and trained_on.resolve() != Path(args.groups).resolve():
+            raise SystemExit(f"{sel} was trained on {len(seen)} of the held-out problems (from {trained_on})")
+        rows = load_file(sel / "reserved_rows.safetensors")["weight"].float()
+        prior, gate = float(meta.get("prior_weight", 0.0)), float(meta.get("gate", 0.0))
+        plain = head_metrics(rows, hidden[va], logp[va], q[va], prior)
+        gated = head_metrics(rows, hidden[va], logp[va], q[va], prior, gate)
+        results.append(
+            {"selector": str(sel), "trained_on": str(trained_on), "gate": gate, "plain": plain, "gated": gated}
+        )
+        print(
+            f"{sel}: Agree@1 {plain['agree_at_1']:.3f}, gated ({gate}) {gated['agree_at_1']:.3f} "
+            f"(flips {gated['flips']:.3f}, to the LLM's choice {gated['flips_right']:.3f}, breaking a right top-1 "
+            f"{gated['flips_broke']:.3f}); SLM top-1 {plain['slm_top1_agree']:.3f}; {plain['n']} groups",
+            flush=True,
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps({"groups": args.groups, "val_problems": len(held_out), "results": results}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
