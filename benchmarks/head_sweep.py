@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from select2think.local.head_only import feature_dir, head_metrics, recorded_prior, train_rows
+from select2think.local.head_only import feature_dir, head_metrics, llm_targets, recorded_prior, train_rows
 from select2think.local.objective import TrainConfig, load_groups, split_groups
 
 
 def cached_features(cfg: TrainConfig, groups: list[dict]):
+    """(candidates' hidden states, the recorded prior, the LLM's targets) of `groups`, from the cache."""
     chunks = sorted(feature_dir(cfg).glob("*.pt"))
     parts = [torch.load(p, weights_only=True) for p in chunks]
     keys = [k for c in parts for k in c["keys"]]
@@ -33,7 +34,7 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
         raise SystemExit(
             f"the cache in {feature_dir(cfg)} does not cover these groups: run s2t train --head-only first"
         )
-    return torch.cat([c["hidden"] for c in parts]), recorded_prior(groups)
+    return torch.cat([c["hidden"] for c in parts]), recorded_prior(groups), llm_targets(groups)
 
 
 def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:
@@ -105,9 +106,7 @@ def main() -> None:
         head_batch=args.head_batch,
     )
     groups = load_groups(cfg.groups)
-    hidden, logp = cached_features(cfg, groups)
-    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
-    q = q / q.sum(-1, keepdim=True)
+    hidden, logp, q = cached_features(cfg, groups)
     train, _ = split_groups(groups, cfg)
     where = {id(g): i for i, g in enumerate(groups)}
     items = sorted({g["item"] for g in train})

@@ -95,9 +95,7 @@ def main() -> None:
     cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
     cfg = dataclasses.replace(cfg, head_lr=best["head_lr"], prior_weight=best["prior_weight"])
     groups = load_groups(cfg.groups)
-    hidden, logp = cached_features(cfg, groups)
-    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
-    q = q / q.sum(-1, keepdim=True)
+    hidden, logp, q = cached_features(cfg, groups)
     fractions = [float(f) for f in args.fractions.split(",")]
     points = head_only_points(groups, hidden, logp, q, cfg, best["best_epoch"], gate, fractions)
     lora = {Path(r).name: lora_points(Path(r)) for r in args.lora}

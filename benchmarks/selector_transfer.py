@@ -36,9 +36,7 @@ def main() -> None:
 
     cfg = TrainConfig(slm="qwen2.5-coder-0.5b-instruct", groups=args.groups, out="-", dtype=args.dtype, head_only=True)
     groups = load_groups(args.groups)
-    hidden, logp = cached_features(cfg, groups)
-    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
-    q = q / q.sum(-1, keepdim=True)
+    hidden, logp, q = cached_features(cfg, groups)
     _, val = split_groups(groups, cfg)
     where = {id(g): i for i, g in enumerate(groups)}
     va = torch.tensor([where[id(g)] for g in val])

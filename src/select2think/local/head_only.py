@@ -154,6 +154,12 @@ def recorded_prior(groups: list[dict]) -> torch.Tensor:
     return torch.tensor([g["slm_probs"] for g in groups], dtype=torch.float32).clamp_min(1e-30).log()
 
 
+def llm_targets(groups: list[dict]) -> torch.Tensor:
+    """The LLM's probabilities [N, K] over each group's candidates, renormalised: what the head learns."""
+    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
+    return q / q.sum(-1, keepdim=True)
+
+
 def head_scores(rows: torch.Tensor, hidden: torch.Tensor, logp: torch.Tensor, prior_weight: float):
     """(scores as decoding picks by, head scores) [N, K]: what local_scorer computes from the same rows."""
     head = reserved_scores(hidden, rows)
@@ -196,9 +202,7 @@ def fit_head_only(
     reserved = list(pair.reserved_ids)
     model = pair.slm_module().eval()
     hidden, _ = group_features(model, groups, pair.vocab_size, cfg, progress)
-    logp = recorded_prior(groups)
-    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
-    q = q / q.sum(-1, keepdim=True)
+    logp, q = recorded_prior(groups), llm_targets(groups)
     where = {id(g): i for i, g in enumerate(groups)}
     tr, va = (torch.tensor([where[id(g)] for g in part], dtype=torch.long) for part in (train, val))
     init = model.get_output_embeddings().weight.detach()[reserved].float().cpu()
