@@ -235,30 +235,12 @@ def test_regroup_builds_the_groups_where_an_slm_only_trigger_fires(tmp_path, cap
         mine = [{k: v for k, v in g.items() if k != "item"} for g in got if g["item"] == item]
         assert mine == json.loads(json.dumps(step_groups(z, steps)))
     assert len(got) > 5 and (out / "features").resolve() == (src / "features").resolve()
-    assert (
-        main(
-            [
-                "train",
-                "--slm",
-                "tiny-slm",
-                "--groups",
-                str(out),
-                "--out",
-                str(tmp_path / "sel"),
-                "--head-only",
-                "--epochs",
-                "1",
-                *TINY,
-            ]
-        )
-        == 0
-    )
-    assert main(["regroup", "--groups", str(src), "--threshold-file", str(thr), "--out", str(out)]) == 2
+    train = f"train --slm tiny-slm --groups {out} --out {tmp_path / 'sel'} --head-only --epochs 1".split()
+    assert main([*train, *TINY]) == 0  # trains like a collection
+    regroup = f"regroup --groups {src} --threshold-file {thr} --out".split()
+    assert main([*regroup, str(out)]) == 2
     assert "new directory" in capsys.readouterr().err
-    assert (
-        main(["regroup", "--groups", str(src), "--threshold-file", _thr_file(tmp_path), "--out", str(tmp_path / "x")])
-        == 2
-    )
+    assert main([*regroup[:3], "--threshold-file", _thr_file(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "SLM-only" in capsys.readouterr().err
 
 
