@@ -6,9 +6,9 @@ on the steps S2T-Local will be asked about?
 
 Typical use: REGROUPED is `s2t regroup`'s output for the trigger S2T-Local decodes with; HEAD_A was trained
 on kl firings of other problems, HEAD_B on REGROUPED's own training problems. Both are scored on the
-validation problems `s2t train` holds out of REGROUPED (never trained on by HEAD_B; HEAD_A must come from
-problems not in REGROUPED, which the script checks), with and without each selector's own gate. Needs the
-hidden-state cache one `s2t train --head-only` run leaves beside the groups.
+validation problems `s2t train` holds out of REGROUPED (the script refuses a selector that trained on any of
+them, under its own split), with and without each selector's own gate. Needs the hidden-state cache one
+`s2t train --head-only` run leaves beside the groups.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", required=True)
     ap.add_argument("--selector", action="append", required=True, help="`s2t train --head-only` output (repeat)")
+    ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    cfg = TrainConfig(slm="qwen2.5-coder-0.5b-instruct", groups=args.groups, out="-", dtype=args.dtype, head_only=True)
+    cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
     groups = load_groups(args.groups)
     hidden, logp, q = cached_features(cfg, groups)
     _, val = split_groups(groups, cfg)
@@ -44,10 +45,14 @@ def main() -> None:
     results = []
     for sel in map(Path, args.selector):
         meta = read_json(sel / "selector.json", "selector metadata")
-        trained_on = Path(meta["config"]["groups"])
-        seen = {g["item"] for g in load_groups(trained_on)} & held_out
-        if seen and trained_on.resolve() != Path(args.groups).resolve():
-            raise SystemExit(f"{sel} was trained on {len(seen)} of the held-out problems (from {trained_on})")
+        own = TrainConfig(**meta["config"])  # the split it was trained under
+        if (own.slm, own.dtype, own.layout) != (cfg.slm, cfg.dtype, cfg.layout):
+            raise SystemExit(f"{sel} was trained on {own.slm} {own.dtype} {own.layout} hidden states, not these")
+        trained, _ = split_groups(load_groups(own.groups), own)
+        seen = {g["item"] for g in trained} & held_out
+        if seen:
+            raise SystemExit(f"{sel} was trained on {len(seen)} of the held-out problems (from {own.groups})")
+        trained_on = Path(own.groups)
         rows = load_file(sel / "reserved_rows.safetensors")["weight"].float()
         prior, gate = float(meta.get("prior_weight", 0.0)), float(meta.get("gate", 0.0))
         plain = head_metrics(rows, hidden[va], logp[va], q[va], prior)

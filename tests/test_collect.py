@@ -235,6 +235,14 @@ def test_regroup_builds_the_groups_where_an_slm_only_trigger_fires(tmp_path, cap
         mine = [{k: v for k, v in g.items() if k != "item"} for g in got if g["item"] == item]
         assert mine == json.loads(json.dumps(step_groups(z, steps)))
     assert len(got) > 5 and (out / "features").resolve() == (src / "features").resolve()
+    margin = {p.stem: 1 - np.load(p)["features"][:, 1] for p in (src / "features").glob("*.npz")}
+    median = float(np.median(np.concatenate(list(margin.values()))))
+    thr.write_text(json.dumps({"trigger": "margin", "threshold": median, "slm": "tiny-slm"}))
+    assert main(["regroup", "--groups", str(src), "--threshold-file", str(thr), "--out", str(tmp_path / "m")]) == 0
+    by_margin = load_groups(tmp_path / "m")
+    for item in {g["item"] for g in got}:
+        steps = [t for t, m in enumerate(margin[item]) if t >= 3 and m > median]
+        assert [g["step"] for g in by_margin if g["item"] == item] == steps
     train = f"train --slm tiny-slm --groups {out} --out {tmp_path / 'sel'} --head-only --epochs 1".split()
     assert main([*train, *TINY]) == 0  # trains like a collection
     regroup = f"regroup --groups {src} --threshold-file {thr} --out".split()

@@ -160,7 +160,8 @@ def statistic_from_features(
     trigger: Trigger, features: torch.Tensor, hidden: torch.Tensor | None = None
 ) -> torch.Tensor:
     """An SLM-only trigger's statistic [N] from recorded `step_features` [N, 10] (and final hidden states
-    [N, H] for the learned one): what `trigger.statistic` gives on the log-probs they were computed from."""
+    [N, H] for the learned one): what `trigger.statistic` gives on the log-probs they were computed from
+    (the learned one up to the rounding of hidden states stored in fp16, which it was trained on)."""
     if isinstance(trigger, LearnedTrigger):
         if hidden is None:
             raise S2TError("the learned trigger needs the SLM's hidden states, and none were recorded")

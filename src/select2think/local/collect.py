@@ -249,7 +249,7 @@ def step_groups(feats: dict, steps: list[int]) -> list[dict]:
     ids, n = [int(t) for t in feats["ids"]], int(feats["prompt_len"])
     return [
         {
-            "step": t,
+            "step": int(t),
             "context": ids[: n + t][-CONTEXT:],
             "candidates": [int(c) for c in feats["top_i"][t]],
             "llm_probs": np.exp(feats["llm_top"][t].astype(np.float64)).tolist(),
