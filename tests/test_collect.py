@@ -235,6 +235,7 @@ def test_regroup_builds_the_groups_where_an_slm_only_trigger_fires(tmp_path, cap
         mine = [{k: v for k, v in g.items() if k != "item"} for g in got if g["item"] == item]
         assert mine == json.loads(json.dumps(step_groups(z, steps)))
     assert len(got) > 5 and (out / "features").resolve() == (src / "features").resolve()
+    assert json.loads((out / "collect.json").read_text())["identity"]["groups_at"]["trigger"] == "entropy"
     margin = {p.stem: 1 - np.load(p)["features"][:, 1] for p in (src / "features").glob("*.npz")}
     median = float(np.median(np.concatenate(list(margin.values()))))
     thr.write_text(json.dumps({"trigger": "margin", "threshold": median, "slm": "tiny-slm"}))

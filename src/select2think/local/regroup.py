@@ -83,6 +83,7 @@ def regroup(src: str | Path, threshold_file: str | Path, out: str | Path) -> dic
     with atomic_path(out, is_dir=True) as tmp:
         (tmp / "groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "features").symlink_to(link, target_is_directory=True)
-        meta = {"identity": {**ident, "groups_at": groups_at}, "regrouped_from": str(src)}
+        # the collection's candidate hidden states cover its kl groups only: training computes them all alike
+        meta = {"identity": {**ident, "candidate_hidden": False, "groups_at": groups_at}, "regrouped_from": str(src)}
         (tmp / "collect.json").write_text(json.dumps(meta, indent=2))
     return {"problems": len(rows), "skipped": skipped, "steps": steps, "groups": n, "flips": flips}
