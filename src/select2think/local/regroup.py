@@ -4,10 +4,11 @@
 the LLM (entropy, margin or learned), and that trigger also fires where the LLM would keep the SLM's top-1;
 a selector trained on kl firings alone never saw such steps, and overrules the top-1 there as often as
 anywhere. The collection's `features/ITEM.npz` records, at every step, the SLM's top-K, the LLM's log-probs
-on them and the trigger features (problems collected from session 11 on), so the groups at any SLM-only
-trigger's firings are rebuilt here without a model (`collect.step_groups`, the same code that wrote the kl
-groups). The new directory shares the source's `features/` (a relative link), so `s2t train` reads it like
-any collection (`s2t train-trigger` on it is the same as on the source: it reads every step, not groups).
+on them and the trigger features (problems collected before `ids` and `top_i` were added there are skipped),
+so the groups at any SLM-only trigger's firings are rebuilt here without a model (`collect.step_groups`, the
+same code that wrote the kl groups). The new directory shares the source's `features/` (a relative link), so
+`s2t train` reads it like any collection (`s2t train-trigger` on it is the same as on the source: it reads
+every step, not groups).
 """
 
 from __future__ import annotations
