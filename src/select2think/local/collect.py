@@ -15,7 +15,9 @@ Either way a group is every step where the kl statistic exceeds the calibrated t
 warm-up): (context, the SLM's top-K, the LLM's probabilities on them, the SLM's). Every step gives
 learned-trigger features (entropy, margin, top-8 probabilities, the SLM's final hidden state at the
 prefix) in `features/ITEM.npz`, with the kl firings and the LLM's log-probs on the top-K (`llm_top`), the
-two labels a learned trigger can be trained on (`s2t train-trigger --label kl|flip`).
+two labels a learned trigger can be trained on (`s2t train-trigger --label kl|flip`), and the trajectory with
+every step's SLM top-K (`ids`, `prompt_len`, `top_i`, `top_logp`), from which `step_groups` builds a group at
+any step (`s2t regroup`: the groups where an SLM-only trigger fires).
 
 Candidates' hidden states (head-only training): the decode has the SLM's hidden state at each step's
 prefix (the learned trigger's input), not the hidden states of the K candidate tokens placed after it,
