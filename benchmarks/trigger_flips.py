@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from select2think.decoding.triggers import EntropyTrigger, MarginTrigger, statistic_from_features
 from select2think.local.objective import load_groups
 from select2think.local.trigger_head import load_learned_trigger
 
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8, help="S2T's candidates")
     args = ap.parse_args()
     head = load_learned_trigger(args.trigger) if args.trigger else None
-    scores: dict[str, list[float]] = {"entropy": [], "negative margin": [], "learned": []}
+    triggers = {"entropy": EntropyTrigger(), "1 - margin": MarginTrigger()} | ({"learned": head} if head else {})
+    scores: dict[str, list[float]] = {name: [] for name in triggers}
     flips: list[bool] = []
     by_item: dict[str, list[dict]] = {}
     for g in load_groups(args.groups):
@@ -42,11 +44,9 @@ def main() -> None:
     for item, groups in by_item.items():
         z = np.load(args.groups / "features" / f"{item}.npz")
         steps = [g["step"] for g in groups]
-        scores["entropy"] += z["features"][steps, 0].tolist()
-        scores["negative margin"] += (-z["features"][steps, 1]).tolist()
-        if head is not None:
-            x = np.concatenate([z["features"], z["hidden"].astype(np.float32)], 1)[steps]
-            scores["learned"] += head.logit(torch.from_numpy(x)).tolist()
+        feats, hidden = torch.from_numpy(z["features"]), torch.from_numpy(z["hidden"].astype(np.float32))
+        for name, trig in triggers.items():
+            scores[name] += statistic_from_features(trig, feats, hidden)[steps].tolist()
         flips += [int(np.argmax(g["llm_probs"][: args.k])) != 0 for g in groups]
     y = np.array(flips)
     out = {"groups": len(y), "flip_rate": float(y.mean())}
