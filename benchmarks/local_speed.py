@@ -33,7 +33,7 @@ from select2think.data.datasets import load_dataset, load_gsm_symbolic
 from select2think.data.prompts import math_prompt
 from select2think.decoding.calibrate import calibrate, load_threshold
 from select2think.local.bundle import bundled_trigger, shipped_bundle
-from select2think.local.objective import TrainConfig, group_loss
+from select2think.local.objective import TrainConfig, batch_loss
 from select2think.local.selector import apply_selector
 from select2think.local.train import prepare_model
 from select2think.local.trigger_head import load_learned_trigger
@@ -163,7 +163,7 @@ def bench_train(args, out: Path) -> None:
                 )  # a cheap first pass warms up allocators; naive is too slow to repeat
                 for _ in range(args.reps + warmup):
                     t = time.perf_counter()
-                    loss, _, _ = group_loss(model, group, train_pair.reserved_ids, train_pair.vocab_size, cfg)
+                    loss, _, _ = batch_loss(model, [group], train_pair.reserved_ids, train_pair.vocab_size, cfg)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -10,7 +10,7 @@ from select2think.decoding.calibrate import calibrate
 from select2think.decoding.teacher import step_logprobs
 from select2think.decoding.vocab import Vocab
 from select2think.local.collect import CollectConfig, run_collect
-from select2think.local.objective import TrainConfig, candidate_logits, group_loss, load_groups
+from select2think.local.objective import TrainConfig, batch_loss, candidate_logits, load_groups
 from select2think.local.selector import apply_selector
 from select2think.local.train import prepare_model, run_train
 from select2think.models.chat import encode_prompts
@@ -73,9 +73,9 @@ def test_reserved_rows_start_as_the_head_and_alone_take_head_gradients():
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)  # the paper's head alone
     model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
     assert torch.allclose(candidate_logits(model, ctx, cands), before, atol=1e-5)  # LoRA B = 0, rows = head rows
-    loss, _, _ = group_loss(
+    loss, _, _ = batch_loss(
         model,
-        {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]},
+        [{"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]}],
         pair.reserved_ids,
         pair.vocab_size,
         cfg,
@@ -229,7 +229,8 @@ def test_learned_trigger_trains_reports_baselines_and_decodes_without_llm(collec
     assert main(["calibrate", "--trigger", "entropy", "--head", str(path), "--out", "x.json"]) == 2
 
 
-def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_batch", [1, 2])
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_path, monkeypatch, group_batch):
     from safetensors.torch import load_file
 
     import select2think.local.train as train_mod
@@ -245,23 +246,25 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_pa
             device="cpu",
             lr=5e-3,
             head_lr=5e-2,
-            checkpoint_every=3,
+            checkpoint_every=3 if group_batch == 1 else 1,
+            group_batch=group_batch,
         )
 
     run_train(cfg(tmp_path / "whole"), progress=False)
-    real, calls = train_mod.group_loss, []
+    real, calls = train_mod.batch_loss, []
 
-    def dies_at_the_fifth(*args, **kwargs):
+    def dies_at_the_fifth(*args, **kwargs):  # (the third batch of two)
         calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # stands for a kill: the last checkpoint is after group 3
+        if len(calls) == (5 if group_batch == 1 else 3):
+            raise KeyboardInterrupt  # stands for a kill: the last checkpoint is after group 3 (batch 2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "group_loss", dies_at_the_fifth)
+    monkeypatch.setattr(train_mod, "batch_loss", dies_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg(tmp_path / "cut"), progress=False)
-    assert json.loads((tmp_path / "cut" / "train_state.json").read_text())["step"] == 3
-    monkeypatch.setattr(train_mod, "group_loss", real)
+    state = json.loads((tmp_path / "cut" / "train_state.json").read_text())
+    assert state["step"] == (3 if group_batch == 1 else 2)  # steps count batches
+    monkeypatch.setattr(train_mod, "batch_loss", real)
     run_train(cfg(tmp_path / "cut"), progress=False)
     for name in ("adapter_model.safetensors", "reserved_rows.safetensors"):
         whole, cut = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
@@ -454,15 +457,15 @@ def test_validation_flags_a_collapsed_score_head(collected):
     cfg = TrainConfig(slm="tiny-slm", groups="", out="", prior_weight=0.0)
     model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
     groups = load_groups(collected / "groups")[:4]
-    assert evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)["tied"] == 0.0
+    assert evaluate(model, rows, groups, pair.vocab_size, cfg)["tied"] == 0.0
     with torch.no_grad():
         rows.weight[:] = rows.weight[0]  # every reserved row alike: every candidate scores the same
-    collapsed = evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)
+    collapsed = evaluate(model, rows, groups, pair.vocab_size, cfg)
     assert collapsed["tied"] == 1.0 and collapsed["agree_at_1"] == collapsed["slm_top1_agree"]
 
 
 def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(collected, tmp_path):
-    from select2think.local.objective import group_scores
+    from select2think.local.objective import batch_scores
     from select2think.local.selector import save_selector
     from select2think.local.train import evaluate
 
@@ -471,10 +474,10 @@ def test_a_selector_with_a_prior_starts_as_greedy_and_decodes_as_it_was_scored(c
     assert cfg.prior_weight > 0  # the default
     model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
     groups = load_groups(collected / "groups")
-    untrained = evaluate(model, groups, pair.reserved_ids, pair.vocab_size, cfg)
+    untrained = evaluate(model, rows, groups, pair.vocab_size, cfg)
     assert untrained["tied"] == 1.0 and untrained["agree_at_1"] == untrained["slm_top1_agree"]
     g = groups[0]
-    scores, _, head = group_scores(model, g, pair.reserved_ids, pair.vocab_size, cfg)
+    scores, _, head = (x[0] for x in batch_scores(model, [g], pair.reserved_ids, pair.vocab_size, cfg))
     slm_logp = torch.tensor(g["slm_probs"]).log()
     assert torch.allclose(head, torch.full_like(head, 0.5))
     assert torch.allclose(scores - 0.5, cfg.prior_weight * slm_logp, atol=1e-4)  # the prior is the SLM's log-prob
@@ -561,7 +564,7 @@ def test_head_only_fits_rows_on_cached_hidden_states_and_keeps_its_best_epoch(co
         r.weight.copy_(rows)
     _, val = split_groups(load_groups(collected / "groups", 12), cfg(out))
     assert len(val) == meta["val_groups"]
-    assert evaluate(model, val, pair.reserved_ids, pair.vocab_size, cfg(out))["agree_at_1"] == pytest.approx(best)
+    assert evaluate(model, r, val, pair.vocab_size, cfg(out))["agree_at_1"] == pytest.approx(best)
     # a second run (new learning rate) reuses every cached chunk: no backbone forward at all
     monkeypatch.setattr(head_mod, "computed", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
     again = run_train(cfg(tmp_path / "again", seed=1, keep="last"), progress=False)
@@ -597,7 +600,7 @@ def test_the_kl_to_base_covers_the_prefix_distribution_and_each_candidate():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     group = {"context": ctx, "candidates": cands, "llm_probs": [0.1, 0.6, 0.2, 0.1]}
-    loss, _, _ = group_loss(model, group, pair.reserved_ids, pair.vocab_size, cfg)
+    loss, _, _ = batch_loss(model, [group], pair.reserved_ids, pair.vocab_size, cfg)
     V = pair.vocab_size
     with torch.no_grad():
         new = candidate_logits(model, ctx, cands, with_prefix=True)[:, :V].log_softmax(-1)
@@ -610,7 +613,7 @@ def test_the_kl_to_base_covers_the_prefix_distribution_and_each_candidate():
 
 def test_lora_validates_every_n_groups_and_keeps_the_best_point(collected, tmp_path):
     out = tmp_path / "sel"
-    cfg = small_lora(collected, out, val_every=4)
+    cfg = small_lora(collected, out, val_every=4, group_batch=1)  # a validation after every 4th group
     res = run_train(cfg, progress=False)
     n_train = json.loads((out / "selector.json").read_text())["train_groups"]
     seen = [h["groups_seen"] for h in res["history"]]
@@ -664,3 +667,56 @@ def test_flip_label_is_where_s2t_would_change_the_token(collected, tmp_path, cap
     assert main(["train-trigger", "--groups", str(old), "--out", str(tmp_path / "t.json"), "--label", "flip"]) == 2
     assert "before flips were recorded" in capsys.readouterr().err
     assert main(["train-trigger", "--groups", str(old), "--out", str(tmp_path / "t.json"), "--label", "nope"]) == 2
+
+
+def test_a_batch_of_one_problems_groups_trains_as_the_mean_of_its_groups_alone(collected):
+    """One tree forward over a problem's trajectory scores all its groups: the loss (KL-to-base included) and
+    its gradients are those of the groups one at a time, averaged."""
+    from select2think.local.objective import batch_logits, shared_trajectories
+
+    pair = load_pair("tiny-slm", None, dtype="fp32", device="cpu")
+    cfg = TrainConfig(slm="tiny-slm", groups="", out="", lora_dropout=0.0)
+    model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
+    with torch.no_grad():
+        rows.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    groups = load_groups(collected / "groups")
+    batch = [groups[i] for i in max(shared_trajectories(groups, 4), key=len)]
+    assert len(batch) > 1 and len({g["item"] for g in batch}) == 1
+    assert sorted(i for b in shared_trajectories(groups, 4) for i in b) == list(range(len(groups)))
+
+    def grads(loss):
+        model.zero_grad()
+        rows.weight.grad = None
+        loss.backward()
+        return [p.grad.clone() for p in [*model.parameters(), rows.weight] if p.grad is not None]
+
+    loss, scores, _ = batch_loss(model, batch, pair.reserved_ids, pair.vocab_size, cfg)
+    together = grads(loss)
+    alone = [batch_loss(model, [g], pair.reserved_ids, pair.vocab_size, cfg) for g in batch]
+    assert torch.allclose(scores, torch.cat([s for _, s, _ in alone]), atol=1e-4)
+    mean = grads(sum(x for x, _, _ in alone) / len(batch))
+    assert torch.allclose(loss, sum(x for x, _, _ in alone) / len(batch), rtol=1e-4)
+    assert len(together) == len(mean) > 2
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(together, mean, strict=True))
+    other = dict(batch[0], context=[7, *batch[0]["context"][1:]])
+    with pytest.raises(ValueError, match="prefixes"):
+        batch_logits(model, [batch[-1], other])
+
+
+def test_lora_starts_from_a_head_only_selectors_rows(collected, tmp_path):
+    from select2think import S2TError
+
+    kw = {"groups": str(collected / "groups"), "max_groups": 12, "dtype": "fp32", "device": "cpu"}
+    head_cfg = {"head_only": True, "epochs": 3, "head_lr": 5e-2, "head_batch": 4, "keep": "last"}
+    run_train(TrainConfig(slm="tiny-slm", out=str(tmp_path / "head"), **head_cfg, **kw), progress=False)
+    head = load_file(tmp_path / "head" / "reserved_rows.safetensors")["weight"]
+    assert head.abs().sum() > 0
+    cfg = small_lora(collected, tmp_path / "lora", init_rows=str(tmp_path / "head"), lr=0.0, head_lr=0.0)
+    res = run_train(cfg, progress=False)
+    assert torch.equal(load_file(tmp_path / "lora" / "reserved_rows.safetensors")["weight"], head)  # lr 0: unmoved
+    assert res["history"][0]["flips"] > 0  # the untrained point is the head-only selector's, not greedy
+    with pytest.raises(S2TError, match="prior weight"):
+        run_train(small_lora(collected, tmp_path / "x", init_rows=str(tmp_path / "head"), prior_weight=0.2))

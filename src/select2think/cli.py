@@ -626,6 +626,12 @@ def train(
         0, help="LoRA: validate on the held-out problems every N training groups (0: each epoch); best -> OUT/best"
     ),
     checkpoint_every: int = typer.Option(100, help="groups between checkpoints (a rerun resumes there)"),
+    group_batch: int = typer.Option(
+        32, help="LoRA: groups per optimizer step, all of one problem, scored in one forward over its trajectory"
+    ),
+    init_rows: str | None = typer.Option(
+        None, help="LoRA: start the reserved rows from this selector's (a head-only one, same --prior-weight)"
+    ),
     layout: str = typer.Option("tree", help="tree (one prefix, K candidates) | naive (K prefix copies)"),
     dtype: str = typer.Option("fp32"),
     device: str = DEVICE,
@@ -651,6 +657,8 @@ def train(
             gate=gate,
             val_every=val_every,
             checkpoint_every=checkpoint_every,
+            group_batch=group_batch,
+            init_rows=init_rows,
             max_groups=max_groups,
             layout=layout,
             dtype=dtype,

@@ -26,13 +26,13 @@ import torch
 from ..decoding.local_scorer import reserved_scores, with_prior
 from ..io import atomic_path, read_json, write_json
 from .objective import (
-    CONTEXT,
     TrainConfig,
     candidate_hidden,
     prefix_logp,
     selection_loss,
     selection_metrics,
-    trajectory_candidate_hidden,
+    shared_trajectories,
+    trajectory_hidden,
 )
 
 FEATURES = "head_features"
@@ -83,26 +83,23 @@ def computed(
     model, groups: list[dict], vocab_size: int, layout: str = "tree"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(hidden [K, H] fp32, logp [K]) per group, by the backbone. In the tree layout the groups of one problem
-    whose context is their whole prefix (shorter than the CONTEXT cut) share one trajectory, so one
-    tree forward per 32 of them (objective.trajectory_candidate_hidden) replaces a forward over the prefix
-    per group; the others (cut contexts, the naive layout) get their own forward."""
+    whose context is their whole prefix share one trajectory, so one tree forward per 32 of them
+    (objective.shared_trajectories) replaces a forward over the prefix per group; the naive layout gives each
+    group its own K prefix copies."""
     out: list = [None] * len(groups)
-    by_item: dict[str, list[int]] = {}
+    if layout == "tree":
+        for idx in shared_trajectories(groups, 32):
+            part = [groups[i] for i in idx]
+            ids = max((g["context"] for g in part), key=len)
+            cands = [g["candidates"] for g in part]
+            hidden, prefix = trajectory_hidden(model, ids, [len(g["context"]) for g in part], cands)
+            logp = prefix_logp(model, prefix, torch.tensor(cands), vocab_size)
+            for j, i in enumerate(idx):
+                out[i] = hidden[j].float(), logp[j]
+        return out
     for i, g in enumerate(groups):
-        if layout == "tree" and len(g["context"]) < CONTEXT:
-            by_item.setdefault(g["item"], []).append(i)
-    for idx in by_item.values():
-        ids = max((groups[i]["context"] for i in idx), key=len)
-        idx = [i for i in idx if ids[: len(groups[i]["context"])] == groups[i]["context"]]
-        cands = [groups[i]["candidates"] for i in idx]
-        hidden, prefix = trajectory_candidate_hidden(model, ids, [len(groups[i]["context"]) for i in idx], cands)
-        logp = prefix_logp(model, prefix, torch.tensor(cands), vocab_size)
-        for j, i in enumerate(idx):
-            out[i] = hidden[j].float(), logp[j]
-    for i, g in enumerate(groups):
-        if out[i] is None:
-            hid = candidate_hidden(model, g["context"], g["candidates"], layout, with_prefix=True)
-            out[i] = hid[1:].float(), prefix_logp(model, hid[:1], torch.tensor([g["candidates"]]), vocab_size)[0]
+        hid = candidate_hidden(model, g["context"], g["candidates"], layout, with_prefix=True)
+        out[i] = hid[1:].float(), prefix_logp(model, hid[:1], torch.tensor([g["candidates"]]), vocab_size)[0]
     return out
 
 

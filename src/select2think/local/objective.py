@@ -46,6 +46,8 @@ class TrainConfig:
     max_groups: int | None = None
     seed: int = 0
     checkpoint_every: int = 100  # groups; a killed run resumes from the last checkpoint
+    group_batch: int = 32  # LoRA: groups per optimizer step, of one problem, in one tree forward (shared_trajectories)
+    init_rows: str | None = None  # LoRA: start the reserved rows from this selector's (e.g. a head-only one)
     val_every: int = 0  # LoRA: validate every this many training groups (0: after each epoch); the best is kept
     gate: float = 0.0  # overrule the SLM's top-1 only when the pick leads it by more (decoding.local_scorer.gated_pick)
     layout: str = "tree"
@@ -67,6 +69,8 @@ class TrainConfig:
             raise S2TError(f"gate must be a number >= 0, got {self.gate}")
         if self.val_every < 0:
             raise S2TError(f"val_every must be >= 0 groups, got {self.val_every}")
+        if self.group_batch < 1:
+            raise S2TError(f"group_batch must be >= 1 group, got {self.group_batch}")
         if self.checkpoint_every < 1:
             raise S2TError(f"checkpoint_every must be >= 1 group, got {self.checkpoint_every}")
 
@@ -129,26 +133,51 @@ def trajectory_tree(ids: list[int], prefix_lens: list[int], cands: list[list[int
     return ids_t, pos, additive(vis[None], dtype)
 
 
+def trajectory_hidden(
+    model, ids: list[int], prefix_lens: list[int], cands: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates' final hidden states [G, K, H], the prefixes' [G, H]) for G groups of one trajectory `ids`
+    (group g: candidates cands[g] after the first prefix_lens[g] tokens) in one tree forward: what
+    `candidate_hidden(model, ids[:P], cands, "tree", with_prefix=True)` gives each group (gradients flow)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    L = max(prefix_lens)
+    ids_t, pos, mask = trajectory_tree(ids[:L], prefix_lens, cands, device, dtype)
+    out = model.get_decoder()(input_ids=ids_t, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+    return out[L:].reshape(len(cands), len(cands[0]), -1), out[[P - 1 for P in prefix_lens]]
+
+
 @torch.no_grad()
 def trajectory_candidate_hidden(
     model, ids: list[int], prefix_lens: list[int], cands: list[list[int]], per_forward: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidates' final hidden states [G, K, H], the prefix's [G, H]) for G groups of one trajectory `ids`
-    (group g: candidates cands[g] after the first prefix_lens[g] tokens), `per_forward` groups per forward.
-    What `candidate_hidden(model, ids[:P], cands, "tree", with_prefix=True)` gives each group, without a
-    forward over its prefix per group."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    backbone = model.get_decoder()
-    hidden, prefix = [], []
-    for a in range(0, len(cands), per_forward):
-        lens, part = prefix_lens[a : a + per_forward], cands[a : a + per_forward]
-        L = max(lens)
-        ids_t, pos, mask = trajectory_tree(ids[:L], lens, part, device, dtype)
-        out = backbone(input_ids=ids_t, position_ids=pos, attention_mask=mask).last_hidden_state[0]
-        hidden.append(out[L:].reshape(len(part), len(part[0]), -1))
-        prefix.append(out[[P - 1 for P in lens]])
-    return torch.cat(hidden), torch.cat(prefix)
+    """`trajectory_hidden` for any number of groups, `per_forward` groups per forward."""
+    parts = [
+        trajectory_hidden(model, ids, prefix_lens[a : a + per_forward], cands[a : a + per_forward])
+        for a in range(0, len(cands), per_forward)
+    ]
+    return torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
+
+
+def shared_trajectories(groups: list[dict], size: int) -> list[list[int]]:
+    """Indices of `groups` in batches that one tree forward over a trajectory scores (`batch_logits`): up to
+    `size` groups of one problem, in file order, whose contexts are whole prefixes (shorter than the CONTEXT
+    cut) of that problem's longest; every other group alone."""
+    by_item: dict[str, list[int]] = {}
+    alone: list[list[int]] = []
+    for i, g in enumerate(groups):
+        if len(g["context"]) < CONTEXT:
+            by_item.setdefault(g["item"], []).append(i)
+        else:
+            alone.append([i])
+    batches = []
+    for idx in by_item.values():
+        ids = max((groups[i]["context"] for i in idx), key=len)
+        fits = [ids[: len(groups[i]["context"])] == groups[i]["context"] for i in idx]
+        shared = [i for i, ok in zip(idx, fits, strict=True) if ok]
+        alone += [[i] for i, ok in zip(idx, fits, strict=True) if not ok]
+        batches += [shared[a : a + size] for a in range(0, len(shared), size)]
+    return batches + alone
 
 
 def prefix_logp(model, prefix_hidden: torch.Tensor, cands: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -158,15 +187,32 @@ def prefix_logp(model, prefix_hidden: torch.Tensor, cands: torch.Tensor, vocab_s
     return logits.log_softmax(-1).gather(-1, cands.to(logits.device))
 
 
-def group_scores(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
-    """(scores [K] as decoding picks by, raw logits [1 + K, V_all] (row 0: the prefix's next-token logits,
-    which the candidates came from), head-only scores [K])."""
-    cands = group["candidates"]
-    raw = candidate_logits(model, group["context"], cands, cfg.layout, with_prefix=True)
-    head = score_from_logits(raw[1:], reserved)
+def batch_logits(model, groups: list[dict], layout: str = "tree") -> torch.Tensor:
+    """Raw logits [G, 1 + K, V_all] (row 0 of each: the prefix's next-token logits, which the candidates came
+    from). Tree layout: one forward over the longest context, of which every group's context must be a prefix
+    (`shared_trajectories` batches them so); naive: K prefix copies per group."""
+    if layout == "tree":
+        ids = max((g["context"] for g in groups), key=len)
+        if any(ids[: len(g["context"])] != g["context"] for g in groups):
+            raise ValueError("a tree batch's contexts must all be prefixes of its longest (shared_trajectories)")
+        lens, cands = [len(g["context"]) for g in groups], [g["candidates"] for g in groups]
+        hidden, prefix = trajectory_hidden(model, ids, lens, cands)
+        h = torch.cat([prefix[:, None], hidden], 1)
+    else:
+        h = torch.stack([candidate_hidden(model, g["context"], g["candidates"], layout, True) for g in groups])
+    G, rows, H = h.shape
+    return model.get_output_embeddings()(h.reshape(G * rows, H)).float().reshape(G, rows, -1)  # 2D: see above
+
+
+def batch_scores(model, groups: list[dict], reserved, vocab_size: int, cfg: TrainConfig):
+    """(scores [G, K] as decoding picks by, raw logits [G, 1 + K, V_all] (`batch_logits`), head-only scores
+    [G, K])."""
+    raw = batch_logits(model, groups, cfg.layout)
+    head = score_from_logits(raw[:, 1:], reserved)
     if not cfg.prior_weight:
         return head, raw, head
-    cand_logp = raw[0, :vocab_size].log_softmax(-1)[torch.tensor(cands, device=raw.device)].detach()
+    cands = torch.tensor([g["candidates"] for g in groups], device=raw.device)
+    cand_logp = raw[:, 0, :vocab_size].log_softmax(-1).gather(-1, cands).detach()
     return with_prior(head, cand_logp, cfg.prior_weight), raw, head
 
 
@@ -182,20 +228,20 @@ def selection_loss(scores: torch.Tensor, llm_probs: torch.Tensor, cfg: TrainConf
     return (cfg.w_ce * ce + cfg.w_hinge * hinge + cfg.w_list * listwise).mean()
 
 
-def group_loss(model, group: dict, reserved, vocab_size: int, cfg: TrainConfig):
-    """The selection loss, plus `w_base` x KL(adapted || base) on the text vocabulary at the prefix's position
-    and each candidate's: the prefix's row is the distribution the SLM generates from (coupled mode merges
-    the LoRA) and the prior in every score, so neither may drift while the head learns."""
-    scores, raw, _ = group_scores(model, group, reserved, vocab_size, cfg)
-    q = torch.tensor(group["llm_probs"], device=scores.device)
-    loss = selection_loss(scores[None], q[None], cfg)
+def batch_loss(model, groups: list[dict], reserved, vocab_size: int, cfg: TrainConfig):
+    """The selection loss, plus `w_base` x KL(adapted || base) on the text vocabulary at each prefix's position
+    and each candidate's, averaged over the groups (so a batch's loss is the mean of its groups' alone): the
+    prefix's row is the distribution the SLM generates from (coupled mode merges the LoRA) and the prior in
+    every score, so neither may drift while the head learns. -> (loss, scores [G, K], LLM targets [G, K])."""
+    scores, raw, _ = batch_scores(model, groups, reserved, vocab_size, cfg)
+    q = torch.tensor([g["llm_probs"] for g in groups], device=scores.device)
+    loss = selection_loss(scores, q, cfg)
     if cfg.w_base > 0:
-        text = raw[:, :vocab_size].log_softmax(-1)
+        text = raw[..., :vocab_size].log_softmax(-1)
         with torch.no_grad(), model.disable_adapter():
-            base = candidate_logits(model, group["context"], group["candidates"], cfg.layout, with_prefix=True)
-            base = base[:, :vocab_size].log_softmax(-1)
+            base = batch_logits(model, groups, cfg.layout)[..., :vocab_size].log_softmax(-1)
         loss = loss + cfg.w_base * (text.exp() * (text - base)).sum(-1).mean()
-    return loss, scores.detach(), q / q.sum()
+    return loss, scores.detach(), q / q.sum(-1, keepdim=True)
 
 
 def selection_metrics(scores: torch.Tensor, q: torch.Tensor, head: torch.Tensor, gate: float = 0.0) -> dict:

@@ -24,15 +24,8 @@ import torch
 
 from ..errors import S2TError
 from ..io import atomic_path, check_safetensors, differences, read_json, run_lock, sha256_of, write_json
-from .objective import (
-    TrainConfig,
-    group_loss,
-    group_scores,
-    groups_sha256,
-    load_groups,
-    selection_metrics,
-    split_groups,
-)
+from .head_only import computed, head_metrics, llm_targets
+from .objective import TrainConfig, batch_loss, groups_sha256, load_groups, shared_trajectories, split_groups
 from .selector import save_selector
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,18 +67,28 @@ def prepare_model(slm_model, reserved, cfg: TrainConfig):
     return model, rows
 
 
-def evaluate(model, groups, reserved, vocab_size, cfg) -> dict:
-    """objective.selection_metrics on held-out groups."""
-    scores, heads = [], []
+def evaluate(model, rows: ReservedRows, groups, vocab_size, cfg) -> dict:
+    """objective.selection_metrics on held-out groups: their candidates' hidden states and prior through the
+    adapted backbone (one tree forward per 32 groups of a problem), scored by the rows as decoding scores."""
     model.eval()
-    with torch.no_grad():
-        for g in groups:
-            s, _, head = group_scores(model, g, reserved, vocab_size, cfg)
-            scores.append(s.float().cpu())
-            heads.append(head.float().cpu())
+    feats = computed(model, groups, vocab_size, cfg.layout)
     model.train()
-    q = torch.tensor([g["llm_probs"] for g in groups], dtype=torch.float32)
-    return selection_metrics(torch.stack(scores), q, torch.stack(heads), cfg.gate)
+    hidden, logp = torch.stack([h for h, _ in feats]), torch.stack([p for _, p in feats])
+    return head_metrics(rows.weight.detach(), hidden, logp, llm_targets(groups), cfg.prior_weight, cfg.gate)
+
+
+def initial_rows(cfg: TrainConfig, reserved) -> torch.Tensor:
+    """The reserved rows of the selector `cfg.init_rows` (e.g. a head-only one), checked to mean the same."""
+    from safetensors.torch import load_file
+
+    src = Path(str(cfg.init_rows))
+    meta = read_json(src / "selector.json", "selector settings")
+    saved = load_file(check_safetensors(src / "reserved_rows.safetensors", "not a selector directory"))
+    if saved["reserved_ids"].tolist() != list(reserved) or meta.get("slm") != cfg.slm:
+        raise S2TError(f"{src} is a selector for another model's reserved rows: --init-rows takes one of {cfg.slm}")
+    if meta.get("prior_weight") != cfg.prior_weight:
+        raise S2TError(f"{src} was trained with prior weight {meta.get('prior_weight')}, not {cfg.prior_weight}")
+    return saved["weight"].float()
 
 
 STATE_JSON, STATE_TENSORS, LEGACY_STATE = "train_state.json", "train_state.safetensors", "train_state.pt"
@@ -206,6 +209,9 @@ def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         return fit_head_only(cfg, pair, groups, train, val, progress)
     torch.manual_seed(cfg.seed)
     model, rows = prepare_model(pair.slm_module(), reserved, cfg)
+    if cfg.init_rows and saved is None:
+        with torch.no_grad():
+            rows.weight.copy_(initial_rows(cfg, reserved))
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     params = [*lora, rows.weight]
@@ -216,6 +222,8 @@ def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
         ]
     )
     out = Path(cfg.out)
+    # a step is a batch: groups of one problem, scored by one tree forward over its trajectory
+    batches = [[train[i] for i in b] for b in shared_trajectories(train, cfg.group_batch)]
     epoch, step, total, history = 0, 0, 0.0, []
     if saved is not None:  # resume, mid-epoch included
         load_checkpoint(out, model, rows, saved)
@@ -238,37 +246,43 @@ def _run_train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     def validate(train_loss: float | None) -> None:
         """Score the held-out problems; a new best becomes the selector in `out/best`."""
-        metrics = evaluate(model, val, reserved, pair.vocab_size, cfg)
-        history.append({"epoch": epoch, "step": step, "groups_seen": seen(), "train_loss": train_loss, **metrics})
+        metrics = evaluate(model, rows, val, pair.vocab_size, cfg)
+        history.append({"epoch": epoch, "step": done, "groups_seen": seen(), "train_loss": train_loss, **metrics})
         if metrics["agree_at_1"] > max((h["agree_at_1"] for h in history[:-1]), default=float("-inf")):
             save_selector(model, rows, reserved, out / BEST, {**meta, "history": history, "kept": history[-1]})
 
     def seen() -> int:
-        return epoch * len(train) + step
+        return epoch * len(train) + done
 
+    def crossed(every: int, n: int) -> bool:  # did the last n groups pass a multiple of `every`?
+        return bool(every) and done // every > (done - n) // every
+
+    done = 0  # groups of this epoch trained on
     if not history:  # the untrained head, for reference
         validate(None)
     t0 = time.perf_counter()
     with Progress(disable=not progress) as bar:
         while epoch < cfg.epochs:
-            order = list(range(len(train)))
+            order = list(range(len(batches)))
             random.Random(cfg.seed + epoch).shuffle(order)
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(order), completed=step)
+            done = sum(len(batches[i]) for i in order[:step])
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train), completed=done)
             while step < len(order):
-                loss, _, _ = group_loss(model, train[order[step]], reserved, pair.vocab_size, cfg)
+                batch = batches[order[step]]
+                loss, _, _ = batch_loss(model, batch, reserved, pair.vocab_size, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
-                total += loss.item()
-                step += 1
-                bar.advance(task)
-                if cfg.val_every and step % cfg.val_every == 0 and step < len(order):
-                    validate(total / step)
-                if step % cfg.checkpoint_every == 0 and step < len(order):
+                total += loss.item() * len(batch)
+                step, done = step + 1, done + len(batch)
+                bar.advance(task, len(batch))
+                if crossed(cfg.val_every, len(batch)) and step < len(order):
+                    validate(total / done)
+                if crossed(cfg.checkpoint_every, len(batch)) and step < len(order):
                     checkpoint()
-            epoch, step = epoch + 1, 0
-            validate(total / max(len(order), 1))
-            total = 0.0
+            loss = total / max(done, 1)
+            epoch, step, done, total = epoch + 1, 0, 0, 0.0
+            validate(loss)
             checkpoint()
     return {"history": history, "seconds": time.perf_counter() - t0, "best": str(out / BEST)}
