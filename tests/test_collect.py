@@ -299,6 +299,23 @@ def test_gsm_symbolic_train_gives_thousands_of_problems_disjoint_from_calib_and_
     assert [it.id for it in load_gsm_symbolic("train", limit=200).items] == [it.id for it in train[:200]]
 
 
+def test_a_gsm_symbolic_items_template_is_regenerated_from_its_id():
+    """Problems of one template share their variables' names (and differ in values): the signature tells which
+    held-out problems have a template that also trains."""
+    import reasoning_gym
+
+    from select2think.data.datasets import gsm_symbolic_template, load_gsm_symbolic
+
+    items = load_gsm_symbolic("train", limit=300).items
+    names = [gsm_symbolic_template(it.id) for it in items]
+    assert 20 < len(set(names)) < 120  # about 100 templates; 300 draws repeat many of them
+    seed, round_, i = (int(x) for x in items[7].id.split("-")[1:])
+    regenerated = reasoning_gym.create_dataset("gsm_symbolic", size=i + 1, seed=seed * 1000 + round_)[i]
+    assert regenerated["question"] == items[7].question  # the id alone finds the item
+    assert names[7] == ",".join(sorted(regenerated["metadata"]["variables"]))
+    assert gsm_symbolic_template("gsm8k-3") is None
+
+
 def test_one_tree_forward_per_trajectory_gives_each_groups_candidate_hidden_states(tiny_pair):
     from select2think.local.objective import candidate_hidden, prefix_logp, trajectory_candidate_hidden
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import importlib.resources
 import json
@@ -113,6 +115,21 @@ def load_gsm_symbolic(split: str, limit: int = 200, seed: int = 0) -> Dataset:
             if len(items) >= limit:
                 break
     return Dataset(f"gsm_symbolic:{split}", False, tuple(items))
+
+
+@functools.lru_cache(maxsize=None)
+def gsm_symbolic_template(item_id: str) -> str | None:
+    """The template a `gsm_symbolic` item was drawn from, named by its variables (reasoning_gym instantiates
+    about 100 templates with new names and numbers; a few share variable names and so share a name here),
+    or None for another dataset's id. Regenerated from the id: reasoning_gym draws item i from its own seed."""
+    parts = item_id.split("-")
+    if len(parts) != 4 or parts[0] != "gsm_symbolic" or not all(x.isdigit() for x in parts[1:]):
+        return None
+    import reasoning_gym
+
+    seed, round_, i = (int(x) for x in parts[1:])
+    item = reasoning_gym.create_dataset("gsm_symbolic", size=i + 1, seed=seed * 1000 + round_)[i]
+    return ",".join(sorted(item["metadata"]["variables"]))
 
 
 def load_hf(spec: str) -> Dataset:
