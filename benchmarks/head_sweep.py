@@ -6,7 +6,8 @@ Needs the hidden-state cache that one `s2t train --head-only` run leaves beside 
 is loaded here). The validation problems that `s2t train` holds out (same seed, same fraction) are
 left out entirely, so the settings chosen here can then be trained with `--keep last` and scored once
 on them without selection bias. Each setting (head learning rate, prior weight) is trained on all but
-one fold of training problems and scored on that fold after every epoch; the mean curve over folds
+one fold of training problems and scored on that fold after every epoch (folds hold whole gsm_symbolic
+templates, as `s2t train`'s split: local.split); the mean curve over folds
 picks the setting and its epoch count.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from select2think.local.head_only import feature_dir, head_metrics, llm_targets, recorded_prior, train_rows
 from select2think.local.objective import TrainConfig, load_groups, split_groups
+from select2think.local.split import split_unit
 
 
 def cached_features(cfg: TrainConfig, groups: list[dict]):
@@ -109,11 +111,13 @@ def main() -> None:
     hidden, logp, q = cached_features(cfg, groups)
     train, _ = split_groups(groups, cfg)
     where = {id(g): i for i, g in enumerate(groups)}
+    units = sorted({split_unit(g["item"]) for g in train})  # whole templates, as s2t train's split
+    random.Random(cfg.seed).shuffle(units)
+    fold_of = {u: i % args.folds for i, u in enumerate(units)}
     items = sorted({g["item"] for g in train})
     random.Random(cfg.seed).shuffle(items)
-    fold_of = {it: i % args.folds for i, it in enumerate(items)}
     idx = torch.tensor([where[id(g)] for g in train])
-    fold = torch.tensor([fold_of[g["item"]] for g in train])
+    fold = torch.tensor([fold_of[split_unit(g["item"])] for g in train])
 
     results = []
     for lr, prior in itertools.product(
@@ -123,7 +127,7 @@ def main() -> None:
         for f in range(args.folds):
             tr, va = idx[fold != f], idx[fold == f]
             if args.train_fraction < 1:  # whole problems, the same ones for every setting
-                keep = [it for it in items if fold_of[it] != f]
+                keep = [it for it in items if fold_of[split_unit(it)] != f]
                 keep = set(keep[: max(1, round(len(keep) * args.train_fraction))])
                 tr = idx[(fold != f) & torch.tensor([g["item"] in keep for g in train])]
             curves.append(fit_curve(hidden, logp, q, tr, va, dataclasses.replace(cfg, head_lr=lr, prior_weight=prior)))

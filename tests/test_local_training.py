@@ -241,7 +241,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(collected, tmp_pa
             groups=str(collected / "groups"),
             out=str(out),
             epochs=1,
-            max_groups=10,
+            max_groups=16,
             dtype="fp32",
             device="cpu",
             lr=5e-3,

@@ -55,3 +55,19 @@ def test_selector_training_and_the_learned_trigger_hold_out_the_same_problems(tm
     cfg = TrainConfig(slm="x", groups="", out="", val_fraction=0.2)
     _, val = split_groups(groups, cfg)
     assert {g["item"] for g in val} == validation_problems([f"p{i}" for i in range(20)], 0.2, cfg.seed)
+
+
+def test_validation_holds_out_whole_gsm_symbolic_templates():
+    """A held-out problem never shares its template with a training problem (problems of one template
+    differ only in names and numbers); other datasets' problems are drawn one by one."""
+    from select2think.data.datasets import gsm_symbolic_template, load_gsm_symbolic
+    from select2think.local.split import split_unit, validation_problems
+
+    ids = [it.id for it in load_gsm_symbolic("train", limit=200).items]
+    val = validation_problems(ids, 0.1, 0)
+    templates = {i: gsm_symbolic_template(i) for i in ids}
+    assert val and not {templates[i] for i in val} & {templates[i] for i in ids if i not in val}
+    units = {split_unit(i) for i in ids}
+    assert len(units) < len(ids) and 0.05 < len(val) / len(ids) < 0.2  # 10% of the templates
+    assert validation_problems(ids, 0.1, 0) == val and validation_problems(ids, 0.1, 1) != val
+    assert split_unit("p3") == "p3" and validation_problems(["p1", "p2"], 0.5, 0) <= {"p1", "p2"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import importlib.resources
 import json
@@ -117,7 +116,7 @@ def load_gsm_symbolic(split: str, limit: int = 200, seed: int = 0) -> Dataset:
     return Dataset(f"gsm_symbolic:{split}", False, tuple(items))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gsm_symbolic_template(item_id: str) -> str | None:
     """The template a `gsm_symbolic` item was drawn from, named by its variables (reasoning_gym instantiates
     about 100 templates with new names and numbers; a few share variable names and so share a name here),
