@@ -39,6 +39,13 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
     return torch.cat([c["hidden"] for c in parts]), recorded_prior(groups), llm_targets(groups)
 
 
+def tuned_config(sweep: str | Path, slm: str, groups: str, dtype: str) -> tuple[TrainConfig, dict]:
+    """(the head-only TrainConfig of a sweep JSON's best setting, epochs included; that setting's record)."""
+    best = json.loads(Path(sweep).read_text())["results"][0]
+    cfg = TrainConfig(slm=slm, groups=groups, out="-", dtype=dtype, head_only=True, epochs=max(best["best_epoch"], 1))
+    return dataclasses.replace(cfg, head_lr=best["head_lr"], prior_weight=best["prior_weight"]), best
+
+
 def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:
     """Agree@1 on `va` after each epoch of `s2t train --head-only`'s own loop (index 0: untrained)."""
 

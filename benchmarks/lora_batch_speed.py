@@ -25,7 +25,7 @@ from select2think.local.objective import TrainConfig, batch_loss, load_groups, s
 from select2think.local.train import prepare_model
 
 
-def step_seconds(model, rows, opt, batch, pair, cfg) -> float:
+def step_seconds(model, opt, batch, pair, cfg) -> float:
     t = time.perf_counter()
     loss, _, _ = batch_loss(model, batch, pair.reserved_ids, pair.vocab_size, cfg)
     opt.zero_grad(set_to_none=True)
@@ -54,11 +54,11 @@ def main() -> None:
         cfg = TrainConfig(slm=args.slm, groups="", out="", dtype=dtype, lora_dropout=0.0)
         model, rows = prepare_model(pair.slm_module(), pair.reserved_ids, cfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [rows.weight], lr=1e-6)
-        step_seconds(model, rows, opt, batches[0][:1], pair, cfg)  # warm-up
+        step_seconds(model, opt, batches[0][:1], pair, cfg)  # warm-up
         alone = together = 0.0
         for batch in batches:
-            alone += sum(step_seconds(model, rows, opt, [g], pair, cfg) for g in batch)
-            together += step_seconds(model, rows, opt, batch, pair, cfg)
+            alone += sum(step_seconds(model, opt, [g], pair, cfg) for g in batch)
+            together += step_seconds(model, opt, batch, pair, cfg)
         n = sum(len(b) for b in batches)
         row = {
             "dtype": dtype,

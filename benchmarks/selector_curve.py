@@ -14,14 +14,13 @@ problems. Needs the hidden-state cache one `s2t train --head-only` run leaves be
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 from pathlib import Path
 
 import torch
 
-from head_sweep import cached_features, rows_after
+from head_sweep import cached_features, rows_after, tuned_config
 from select2think.local.head_only import head_metrics
 from select2think.local.objective import TrainConfig, load_groups, split_groups
 
@@ -90,10 +89,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sweep = json.loads(Path(args.sweep).read_text())
-    best = sweep["results"][0]
     gate = sweep.get("best_gate") or 0.0
-    cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
-    cfg = dataclasses.replace(cfg, head_lr=best["head_lr"], prior_weight=best["prior_weight"])
+    cfg, best = tuned_config(args.sweep, args.slm, args.groups, args.dtype)
     groups = load_groups(cfg.groups)
     hidden, logp, q = cached_features(cfg, groups)
     fractions = [float(f) for f in args.fractions.split(",")]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from head_sweep import cached_features, fit_curve
-from select2think.data.datasets import gsm_symbolic_template
-from select2think.local.objective import TrainConfig, load_groups, split_groups
+from head_sweep import cached_features, fit_curve, tuned_config
+from select2think.local.objective import load_groups, split_groups
+from select2think.local.split import split_unit
 
 
 def fold_cv(hidden, logp, q, idx, fold, folds: int, cfg) -> dict:
@@ -47,22 +47,12 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    best = json.loads(Path(args.sweep).read_text())["results"][0]
-    cfg = TrainConfig(
-        slm=args.slm,
-        groups=args.groups,
-        out="-",
-        dtype=args.dtype,
-        head_only=True,
-        epochs=max(best["best_epoch"], 1),
-        head_lr=best["head_lr"],
-        prior_weight=best["prior_weight"],
-    )
+    cfg, best = tuned_config(args.sweep, args.slm, args.groups, args.dtype)
     groups = load_groups(args.groups)
     hidden, logp, q = cached_features(cfg, groups)
     train, val = split_groups(groups, cfg)
-    template = {it: gsm_symbolic_template(it) for it in {g["item"] for g in groups}}  # what split_unit uses
-    if None in template.values():
+    template = {it: split_unit(it) for it in {g["item"] for g in groups}}
+    if any(unit == it for it, unit in template.items()):
         raise SystemExit(f"{args.groups} holds problems that are not gsm_symbolic's")
     where = {id(g): i for i, g in enumerate(groups)}
     idx = torch.tensor([where[id(g)] for g in train])

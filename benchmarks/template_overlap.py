@@ -16,7 +16,7 @@ from pathlib import Path
 
 import reasoning_gym
 
-from select2think.data.datasets import load_dataset
+from select2think.data.datasets import load_dataset, template_name
 
 
 def words(text: str) -> set[str]:
@@ -33,7 +33,7 @@ def main() -> None:
     source = reasoning_gym.create_dataset("gsm_symbolic", size=args.draws, seed=0)
     by_template: dict[str, list[set[str]]] = {}
     for i in range(args.draws):
-        name = ",".join(sorted(source[i]["metadata"]["variables"]))  # as datasets.gsm_symbolic_template
+        name = template_name(source[i])
         if len(by_template.setdefault(name, [])) < 5:
             by_template[name].append(words(source[i]["question"]))
     rows = []

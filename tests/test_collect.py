@@ -317,12 +317,14 @@ def test_a_gsm_symbolic_items_template_is_regenerated_from_its_id():
 
 
 def test_one_tree_forward_per_trajectory_gives_each_groups_candidate_hidden_states(tiny_pair):
-    from select2think.local.objective import candidate_hidden, prefix_logp, trajectory_candidate_hidden
+    from select2think.local.objective import candidate_hidden, prefix_logp, trajectory_hidden
 
     model = tiny_pair.slm_module()
     ids = list(range(5, 45))
     lens, cands = [7, 20, 20, 33, 40], [[3, 9, 11], [4, 8, 15], [16, 23, 42], [1, 2, 3], [50, 60, 70]]
-    hidden, prefix = trajectory_candidate_hidden(model, ids, lens, cands, per_forward=2)
+    with torch.no_grad():  # two groups per forward
+        parts = [trajectory_hidden(model, ids, lens[a : a + 2], cands[a : a + 2]) for a in range(0, len(lens), 2)]
+    hidden, prefix = torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
     logp = prefix_logp(model, prefix, torch.tensor(cands), tiny_pair.vocab_size)
     for g, (P, c) in enumerate(zip(lens, cands, strict=True)):
         ref = candidate_hidden(model, ids[:P], c, "tree", with_prefix=True)

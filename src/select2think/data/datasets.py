@@ -127,8 +127,12 @@ def gsm_symbolic_template(item_id: str) -> str | None:
     import reasoning_gym
 
     seed, round_, i = (int(x) for x in parts[1:])
-    item = reasoning_gym.create_dataset("gsm_symbolic", size=i + 1, seed=seed * 1000 + round_)[i]
-    return ",".join(sorted(item["metadata"]["variables"]))
+    return template_name(reasoning_gym.create_dataset("gsm_symbolic", size=i + 1, seed=seed * 1000 + round_)[i])
+
+
+def template_name(entry: dict) -> str:
+    """A reasoning_gym gsm_symbolic entry's template, named by its variables."""
+    return ",".join(sorted(entry["metadata"]["variables"]))
 
 
 def load_hf(spec: str) -> Dataset:

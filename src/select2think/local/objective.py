@@ -147,18 +147,6 @@ def trajectory_hidden(
     return out[L:].reshape(len(cands), len(cands[0]), -1), out[[P - 1 for P in prefix_lens]]
 
 
-@torch.no_grad()
-def trajectory_candidate_hidden(
-    model, ids: list[int], prefix_lens: list[int], cands: list[list[int]], per_forward: int = 32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`trajectory_hidden` for any number of groups, `per_forward` groups per forward."""
-    parts = [
-        trajectory_hidden(model, ids, prefix_lens[a : a + per_forward], cands[a : a + per_forward])
-        for a in range(0, len(cands), per_forward)
-    ]
-    return torch.cat([h for h, _ in parts]), torch.cat([p for _, p in parts])
-
-
 def shared_trajectories(groups: list[dict], size: int) -> list[list[int]]:
     """Indices of `groups` in batches that one tree forward over a trajectory scores (`batch_logits`): up to
     `size` groups of one problem, in file order, whose contexts are whole prefixes (shorter than the CONTEXT
