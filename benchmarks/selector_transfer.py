@@ -7,8 +7,9 @@ on the steps S2T-Local will be asked about?
 Typical use: REGROUPED is `s2t regroup`'s output for the trigger S2T-Local decodes with; HEAD_A was trained
 on kl firings of other problems, HEAD_B on REGROUPED's own training problems. Both are scored on the
 validation problems `s2t train` holds out of REGROUPED (the script refuses a selector that trained on any of
-them, under its own split), with and without each selector's own gate. Needs the hidden-state cache one
-`s2t train --head-only` run leaves beside the groups.
+them, under its own split), with and without each selector's own gate. With `--all-problems`, every problem
+of REGROUPED is scored (for selectors trained on another dataset: the script still refuses one that trained
+on any of them). Needs the hidden-state cache one `s2t train --head-only` run leaves beside the groups.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ def main() -> None:
     ap.add_argument("--selector", action="append", required=True, help="`s2t train --head-only` output (repeat)")
     ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--all-problems", action="store_true", help="score every problem, not only the held-out ones")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
     groups = load_groups(args.groups)
     hidden, logp, q = cached_features(cfg, groups)
-    _, val = split_groups(groups, cfg)
+    val = groups if args.all_problems else split_groups(groups, cfg)[1]
     where = {id(g): i for i, g in enumerate(groups)}
     va = torch.tensor([where[id(g)] for g in val])
     held_out = {g["item"] for g in val}

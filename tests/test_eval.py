@@ -66,6 +66,13 @@ def test_datasets_and_test_split_refusal(tmp_path):
     with pytest.raises(S2TError, match=r"m.jsonl:1: missing field 'question'"):
         load_dataset(str(missing))
     assert load_dataset(str(missing), question_field="problem").items[0].question == "q"
+    solved = tmp_path / "train.jsonl"  # GSM8K's own format: the answer is a worked solution
+    solved.write_text(
+        '{"question": "q", "answer": "4 + 1 = 5 apples, so 1,005\\n#### 1,005"}\n{"question": "r", "answer": "7"}\n'
+    )
+    assert [i.answer for i in load_dataset(str(solved)).items] == ["1005", "7"]
+    with pytest.raises(S2TError, match=r"pass the path of train\.jsonl"):
+        load_dataset("gsm8k:train")
 
 
 def test_policy_specs():

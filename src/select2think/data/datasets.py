@@ -70,6 +70,11 @@ def gsm8k_gold(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
+def gold_answer(answer: str) -> str:
+    """A file's answer field: a GSM8K-style solution (`... #### 72`) is graded on its final number."""
+    return gsm8k_gold(answer) if "####" in answer else answer
+
+
 def load_gsm8k() -> Dataset:
     rows = read_jsonl(_packaged("gsm8k/test.jsonl"))
     items = tuple(Item(f"gsm8k-{i}", r["question"], gsm8k_gold(r["answer"])) for i, r in enumerate(rows))
@@ -154,10 +159,7 @@ def load_hf(spec: str) -> Dataset:
     if q is None:
         raise S2TError(f"{spec} has no question/problem/prompt column: {ds.column_names}")
 
-    def gold(x: str) -> str:
-        return gsm8k_gold(x) if "####" in x else x
-
-    items = tuple(Item(f"{name}-{i}", r[q], gold(str(r[a])) if a else None) for i, r in enumerate(ds))
+    items = tuple(Item(f"{name}-{i}", r[q], gold_answer(str(r[a])) if a else None) for i, r in enumerate(ds))
     return Dataset(spec, split == "test", items)
 
 
@@ -169,6 +171,11 @@ def load_dataset(
         return load_hf(spec)
     if spec in ("gsm8k", "gsm8k:test"):
         return load_gsm8k()
+    if spec == "gsm8k:train":
+        raise S2TError(
+            "GSM8K train is not packaged: pass the path of train.jsonl from github.com/openai/grade-school-math "
+            "(grade_school_math/data/train.jsonl; its answers are graded on the number after ####)"
+        )
     if spec in ("aime2025", "aime2025:test"):
         return load_aime2025()
     if spec.startswith("gsm_symbolic"):
@@ -181,7 +188,7 @@ def load_dataset(
             Item(
                 str(r.get("id", i)),
                 _question(path, i, r[question_field]),
-                None if r.get(answer_field) is None else str(r[answer_field]),
+                None if r.get(answer_field) is None else gold_answer(str(r[answer_field])),
             )
             for i, r in enumerate(rows)
         )
