@@ -46,6 +46,15 @@ def tuned_config(sweep: str | Path, slm: str, groups: str, dtype: str) -> tuple[
     return dataclasses.replace(cfg, head_lr=best["head_lr"], prior_weight=best["prior_weight"]), best
 
 
+def group_folds(groups: list[dict], folds: int, seed: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """(each group's fold, each split unit's fold): folds hold whole split units (gsm_symbolic templates, as
+    `s2t train`'s split), shuffled with `seed`."""
+    units = sorted({split_unit(g["item"]) for g in groups})
+    random.Random(seed).shuffle(units)
+    fold_of = {u: i % folds for i, u in enumerate(units)}
+    return torch.tensor([fold_of[split_unit(g["item"])] for g in groups]), fold_of
+
+
 def fit_curve(hidden, logp, q, tr, va, cfg) -> list[float]:
     """Agree@1 on `va` after each epoch of `s2t train --head-only`'s own loop (index 0: untrained)."""
 
@@ -118,13 +127,10 @@ def main() -> None:
     hidden, logp, q = cached_features(cfg, groups)
     train, _ = split_groups(groups, cfg)
     where = {id(g): i for i, g in enumerate(groups)}
-    units = sorted({split_unit(g["item"]) for g in train})  # whole templates, as s2t train's split
-    random.Random(cfg.seed).shuffle(units)
-    fold_of = {u: i % args.folds for i, u in enumerate(units)}
+    fold, fold_of = group_folds(train, args.folds, cfg.seed)
     items = sorted({g["item"] for g in train})
     random.Random(cfg.seed).shuffle(items)
     idx = torch.tensor([where[id(g)] for g in train])
-    fold = torch.tensor([fold_of[split_unit(g["item"])] for g in train])
 
     results = []
     for lr, prior in itertools.product(

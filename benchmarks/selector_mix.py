@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import torch
 
-from head_sweep import cached_features, fit_curve, tuned_config
+from head_sweep import cached_features, fit_curve, group_folds, tuned_config
 from select2think.local.objective import load_groups, split_groups
-from select2think.local.split import split_unit
 
 
 def training_features(cfg, directory: str):
@@ -81,10 +79,7 @@ def main() -> None:
     if {g["item"] for g in target} & {g["item"] for g in extra}:
         raise SystemExit("the two directories share problems")
     hidden, logp, q = torch.cat([ht, he]), torch.cat([lt, le]), torch.cat([qt, qe])
-    units = sorted({split_unit(g["item"]) for g in target})
-    random.Random(cfg.seed).shuffle(units)
-    fold_of = {u: i % args.folds for i, u in enumerate(units)}
-    fold = torch.tensor([fold_of[split_unit(g["item"])] for g in target])
+    fold, fold_of = group_folds(target, args.folds, cfg.seed)
     own = torch.arange(len(target))
     every_extra = torch.arange(len(target), len(target) + len(extra))
     sources = {"target": lambda f: own[fold != f], "extra": lambda f: every_extra}
@@ -93,7 +88,7 @@ def main() -> None:
         "target": args.target,
         "extra": args.extra,
         "target_groups": len(target),
-        "target_units": len(units),
+        "target_units": len(fold_of),
         "extra_groups": len(extra),
         "settings": {"head_lr": best["head_lr"], "prior_weight": best["prior_weight"], "epochs": args.epochs},
         "folds": args.folds,

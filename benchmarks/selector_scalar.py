@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import torch
 
+from head_sweep import group_folds
 from select2think.local.head_only import llm_targets, recorded_prior
 from select2think.local.objective import TrainConfig, load_groups, split_groups
-from select2think.local.split import split_unit
 
 K = 8  # the candidates S2T-Local chooses among
 
@@ -75,10 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     target, x, y = training_set(args.target)
     _, xe, ye = training_set(args.extra)
-    units = sorted({split_unit(g["item"]) for g in target})
-    random.Random(TrainConfig.seed).shuffle(units)
-    fold_of = {u: i % args.folds for i, u in enumerate(units)}
-    fold = torch.tensor([fold_of[split_unit(g["item"])] for g in target])
+    fold, _ = group_folds(target, args.folds, TrainConfig.seed)
     hits = flipped = 0.0
     for f in range(args.folds):
         w, held = fit(x[fold != f], y[fold != f]), fold == f
