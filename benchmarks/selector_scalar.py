@@ -8,6 +8,11 @@ top-8, cross-validated over TARGET's problems (folds by `split.split_unit`) and 
 
 Reads the groups alone (no hidden states, no model). The validation problems `s2t train` holds out of
 either directory are left out, as in head_sweep.py.
+
+`--lookahead` adds what the SLM would predict *after* each candidate: the entropy, top log-prob and top-2
+margin of its next-token distribution, from the candidate's cached final hidden state through the SLM's
+output embeddings (the cache one `s2t train --head-only` run leaves beside TARGET's groups; the model is
+loaded for its output embeddings alone), as they are and centred over the group. CV over TARGET only.
 """
 
 from __future__ import annotations
@@ -36,6 +41,45 @@ def features(logp: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [logp[..., None], gap[..., None], rank, rank * entropy[:, None, None], rank * margin[:, None, None]], -1
     )
+
+
+def lookahead(target: str, train: list[dict], slm: str, dtype: str) -> torch.Tensor:
+    """[N, K, 6]: entropy, top log-prob and top-2 margin of the SLM's next token after each candidate, as they
+    are and minus the group's mean."""
+    from head_sweep import cached_features
+    from select2think.local.objective import TrainConfig
+    from select2think.models.loading import load_model
+    from select2think.models.pair import tokenizer_size
+
+    cfg = TrainConfig(slm=slm, groups=target, out="-", dtype=dtype, head_only=True)
+    groups = load_groups(target)
+    hidden = cached_features(cfg, groups)[0]
+    where = {(g["item"], g["step"]): i for i, g in enumerate(groups)}
+    hidden = hidden[torch.tensor([where[g["item"], g["step"]] for g in train]), :K]
+    model, tokenizer, _ = load_model(slm, dtype, "cpu")
+    emb = model.get_output_embeddings().weight.detach().float()[: tokenizer_size(tokenizer)]  # the text rows
+    parts = []
+    with torch.no_grad():
+        for chunk in hidden.split(256):
+            lg = (chunk.flatten(0, 1) @ emb.T).log_softmax(-1)
+            top = lg.topk(2, -1).values
+            parts.append(torch.stack([-(lg.exp() * lg).sum(-1), top[:, 0], top[:, 0] - top[:, 1]], -1))
+    look = torch.cat(parts).reshape(len(train), K, 3)
+    return torch.cat([look, look - look.mean(1, keepdim=True)], -1)
+
+
+def standardised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)
+
+
+def cross_validated(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, folds: int) -> tuple[float, float]:
+    """(Agree@1, flips) of the linear selector on each held-out fold, trained on the others, over all groups."""
+    hits = flipped = 0.0
+    for f in range(folds):
+        w, held = fit(x[fold != f], y[fold != f]), fold == f
+        hits += agree(w, x[held], y[held]) * int(held.sum())
+        flipped += flips(w, x[held]) * int(held.sum())
+    return hits / len(y), flipped / len(y)
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torch.Tensor:
@@ -70,16 +114,15 @@ def main() -> None:
     ap.add_argument("--target", required=True, help="groups directory whose problems are scored")
     ap.add_argument("--extra", required=True, help="groups directory of another dataset, trained on whole")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--lookahead", action="store_true", help="add the SLM's next-token statistics after each candidate")
+    ap.add_argument("--slm", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--dtype", default="fp32", help="the dtype of TARGET's hidden-state cache")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     target, x, y = training_set(args.target)
     _, xe, ye = training_set(args.extra)
     fold, _ = group_folds(target, args.folds, TrainConfig.seed)
-    hits = flipped = 0.0
-    for f in range(args.folds):
-        w, held = fit(x[fold != f], y[fold != f]), fold == f
-        hits += agree(w, x[held], y[held]) * int(held.sum())
-        flipped += flips(w, x[held]) * int(held.sum())
+    cv_agree, cv_flips = cross_validated(x, y, fold, args.folds)
     w_extra = fit(xe, ye)
     result = {
         "target": args.target,
@@ -87,13 +130,17 @@ def main() -> None:
         "target_groups": len(y),
         "extra_groups": len(ye),
         "slm_top1_agree": float((y == 0).float().mean()),
-        "cv_agree_at_1": hits / len(y),
-        "cv_flips": flipped / len(y),
+        "cv_agree_at_1": cv_agree,
+        "cv_flips": cv_flips,
         "trained_on_extra_agree_at_1": agree(w_extra, x, y),
         "trained_on_extra_flips": flips(w_extra, x),
         "extra_fit_agree_at_1": agree(w_extra, xe, ye),
         "extra_slm_top1_agree": float((ye == 0).float().mean()),
     }
+    if args.lookahead:
+        both = standardised(torch.cat([x, lookahead(args.target, target, args.slm, args.dtype)], -1))
+        result["lookahead_cv_agree_at_1"], result["lookahead_cv_flips"] = cross_validated(both, y, fold, args.folds)
+        result["confidence_standardised_cv_agree_at_1"] = cross_validated(standardised(x), y, fold, args.folds)[0]
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
