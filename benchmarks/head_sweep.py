@@ -107,6 +107,13 @@ def main() -> None:
         help="fit on this share of each fold's training problems (a learning curve: would more groups help?)",
     )
     ap.add_argument(
+        "--min-llm-q",
+        type=float,
+        default=0.0,
+        help="train only on groups where the LLM's pick holds at least this share of its top-8 probability "
+        "(near-ties are noisy labels); validation keeps every group",
+    )
+    ap.add_argument(
         "--gates",
         default="",
         help="comma list: for the best setting, choose the confidence gate by the same cross-validation",
@@ -143,6 +150,8 @@ def main() -> None:
                 keep = [it for it in items if fold_of[split_unit(it)] != f]
                 keep = set(keep[: max(1, round(len(keep) * args.train_fraction))])
                 tr = idx[(fold != f) & torch.tensor([g["item"] in keep for g in train])]
+            if args.min_llm_q > 0:
+                tr = tr[(q[tr, :8].max(-1).values / q[tr, :8].sum(-1)) >= args.min_llm_q]
             curves.append(fit_curve(hidden, logp, q, tr, va, dataclasses.replace(cfg, head_lr=lr, prior_weight=prior)))
             weights.append(len(va))
         mean = [
@@ -181,6 +190,7 @@ def main() -> None:
                 "train_groups": len(train),
                 "folds": args.folds,
                 "train_fraction": args.train_fraction,
+                "min_llm_q": args.min_llm_q,
                 "train_problems": len(items),
                 "results": results,
                 "gates": gates,
