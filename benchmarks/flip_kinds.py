@@ -1,5 +1,7 @@
 """What the LLM overrules: in the groups where its pick among the SLM's top-8 is not the top-1, is either
-token a number, formatting, or are both words? With examples.
+token a number, formatting, or are both words? With examples, and how sure the LLM is of its pick: the share
+of groups where the pick holds under 60% / at least 80% of its top-8 probability, and how often the SLM's
+top-1 is the pick in each.
 
     python benchmarks/flip_kinds.py --groups /work/data/regroup_gsm8k --out docs/measurements/selector/flip_kinds.json
 
@@ -40,10 +42,13 @@ def main() -> None:
     tok = gguf_tokenizer(resolve(args.slm))
     train, _ = split_groups(load_groups(args.groups), TrainConfig(slm="-", groups=args.groups, out="-"))
     counts: Counter[str] = Counter()
+    sure: dict[str, list[bool]] = {"under 0.6": [], "0.6 to 0.8": [], "at least 0.8": []}
     flips = []
     for g in train:
         q = g["llm_probs"][:K]
         pick = max(range(K), key=q.__getitem__)
+        share = q[pick] / sum(q)
+        sure["under 0.6" if share < 0.6 else "at least 0.8" if share >= 0.8 else "0.6 to 0.8"].append(pick == 0)
         if pick == 0:
             continue
         slm, llm = tok.decode([g["candidates"][0]]), tok.decode([g["candidates"][pick]])
@@ -55,6 +60,9 @@ def main() -> None:
         "train_groups": len(train),
         "flips": len(flips),
         "share": {k: counts[k] / len(flips) for k in ("word", "format", "number")},
+        "llm_sure": {
+            k: {"share": len(v) / len(train), "slm_top1_agree": sum(v) / max(len(v), 1)} for k, v in sure.items()
+        },
         "examples": random.Random(0).sample(flips, min(args.examples, len(flips))),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
