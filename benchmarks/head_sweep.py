@@ -39,6 +39,17 @@ def cached_features(cfg: TrainConfig, groups: list[dict]):
     return torch.cat([c["hidden"] for c in parts]), recorded_prior(groups), llm_targets(groups)
 
 
+def training_features(cfg: TrainConfig, directory: str):
+    """(hidden, prior, targets, training groups) of a directory, without `s2t train`'s validation problems."""
+    cfg = dataclasses.replace(cfg, groups=directory)
+    groups = load_groups(directory)
+    hidden, logp, q = cached_features(cfg, groups)
+    train, _ = split_groups(groups, cfg)
+    where = {id(g): i for i, g in enumerate(groups)}
+    idx = torch.tensor([where[id(g)] for g in train])
+    return hidden[idx], logp[idx], q[idx], train
+
+
 def tuned_config(sweep: str | Path, slm: str, groups: str, dtype: str) -> tuple[TrainConfig, dict]:
     """(the head-only TrainConfig of a sweep JSON's best setting, epochs included; that setting's record)."""
     best = json.loads(Path(sweep).read_text())["results"][0]

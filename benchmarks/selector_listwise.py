@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from head_sweep import cached_features, group_folds
-from select2think.local.objective import TrainConfig, load_groups, selection_loss, selection_metrics, split_groups
+from head_sweep import group_folds, training_features
+from select2think.local.objective import TrainConfig, selection_loss, selection_metrics
 
 K = 8  # S2T's K: the candidates a selector chooses among
 
@@ -83,13 +83,8 @@ def fit_curve(hidden, logp, q, tr, va, args, cfg) -> list[dict]:
 
 def features(cfg: TrainConfig, path: str):
     """(training groups, hidden [N, K, H], log-prior [N, K], LLM targets [N, K]) of one groups directory."""
-    c = dataclasses.replace(cfg, groups=path)
-    groups = load_groups(path)
-    hidden, logp, q = cached_features(c, groups)
-    train, _ = split_groups(groups, c)
-    where = {id(g): i for i, g in enumerate(groups)}
-    idx = torch.tensor([where[id(g)] for g in train])
-    return train, hidden[idx, :K], logp[idx, :K], q[idx, :K] / q[idx, :K].sum(-1, keepdim=True)
+    hidden, logp, q, train = training_features(cfg, path)
+    return train, hidden[:, :K], logp[:, :K], q[:, :K] / q[:, :K].sum(-1, keepdim=True)
 
 
 def main() -> None:

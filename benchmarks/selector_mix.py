@@ -21,19 +21,7 @@ from pathlib import Path
 
 import torch
 
-from head_sweep import cached_features, fit_curve, group_folds, tuned_config
-from select2think.local.objective import load_groups, split_groups
-
-
-def training_features(cfg, directory: str):
-    """(hidden, prior, targets, training groups) of a directory, without `s2t train`'s validation problems."""
-    cfg = dataclasses.replace(cfg, groups=directory)
-    groups = load_groups(directory)
-    hidden, logp, q = cached_features(cfg, groups)
-    train, _ = split_groups(groups, cfg)
-    where = {id(g): i for i, g in enumerate(groups)}
-    idx = torch.tensor([where[id(g)] for g in train])
-    return hidden[idx], logp[idx], q[idx], train
+from head_sweep import fit_curve, group_folds, training_features, tuned_config
 
 
 def plot(result: dict, path: Path) -> None:

@@ -43,19 +43,15 @@ def features(logp: torch.Tensor) -> torch.Tensor:
     )
 
 
-def lookahead(target: str, train: list[dict], slm: str, dtype: str) -> torch.Tensor:
+def lookahead(target: str, slm: str, dtype: str) -> torch.Tensor:
     """[N, K, 6]: entropy, top log-prob and top-2 margin of the SLM's next token after each candidate, as they
     are and minus the group's mean."""
-    from head_sweep import cached_features
-    from select2think.local.objective import TrainConfig
+    from head_sweep import training_features
     from select2think.models.loading import load_model
     from select2think.models.pair import tokenizer_size
 
     cfg = TrainConfig(slm=slm, groups=target, out="-", dtype=dtype, head_only=True)
-    groups = load_groups(target)
-    hidden = cached_features(cfg, groups)[0]
-    where = {(g["item"], g["step"]): i for i, g in enumerate(groups)}
-    hidden = hidden[torch.tensor([where[g["item"], g["step"]] for g in train]), :K]
+    hidden = training_features(cfg, target)[0][:, :K]  # the same groups, in the same order, as `train`
     model, tokenizer, _ = load_model(slm, dtype, "cpu")
     emb = model.get_output_embeddings().weight.detach().float()[: tokenizer_size(tokenizer)]  # the text rows
     parts = []
@@ -64,7 +60,7 @@ def lookahead(target: str, train: list[dict], slm: str, dtype: str) -> torch.Ten
             lg = (chunk.flatten(0, 1) @ emb.T).log_softmax(-1)
             top = lg.topk(2, -1).values
             parts.append(torch.stack([-(lg.exp() * lg).sum(-1), top[:, 0], top[:, 0] - top[:, 1]], -1))
-    look = torch.cat(parts).reshape(len(train), K, 3)
+    look = torch.cat(parts).reshape(len(hidden), K, 3)
     return torch.cat([look, look - look.mean(1, keepdim=True)], -1)
 
 
@@ -138,7 +134,7 @@ def main() -> None:
         "extra_slm_top1_agree": float((ye == 0).float().mean()),
     }
     if args.lookahead:
-        both = standardised(torch.cat([x, lookahead(args.target, target, args.slm, args.dtype)], -1))
+        both = standardised(torch.cat([x, lookahead(args.target, args.slm, args.dtype)], -1))
         result["lookahead_cv_agree_at_1"], result["lookahead_cv_flips"] = cross_validated(both, y, fold, args.folds)
         result["confidence_standardised_cv_agree_at_1"] = cross_validated(standardised(x), y, fold, args.folds)[0]
     print(json.dumps(result, indent=1))
