@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from head_sweep import group_folds, training_features
+from select2think.decoding.local_scorer import with_prior
 from select2think.local.objective import TrainConfig, selection_loss, selection_metrics
 
 K = 8  # S2T's K: the candidates a selector chooses among
@@ -67,12 +68,12 @@ def fit_curve(hidden, logp, q, tr, va, args, cfg) -> list[dict]:
         with torch.no_grad():
             head = net(hidden[va], logp[va])
         net.train()
-        return selection_metrics(head + cfg.prior_weight * logp[va], q[va], head)
+        return selection_metrics(with_prior(head, logp[va], cfg.prior_weight), q[va], head)
 
     curve = [scored()]
     for _ in range(args.epochs):
         for idx in tr[torch.randperm(len(tr), generator=gen)].split(cfg.head_batch):
-            loss = selection_loss(net(hidden[idx], logp[idx]) + cfg.prior_weight * logp[idx], q[idx], cfg)
+            loss = selection_loss(with_prior(net(hidden[idx], logp[idx]), logp[idx], cfg.prior_weight), q[idx], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
