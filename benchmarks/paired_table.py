@@ -5,6 +5,7 @@ the run later) is paired with greedy on its own items.
 
     python benchmarks/paired_table.py runs/frontier --reference docs/measurements/gsm8k200_run2/results.jsonl.gz \
         --reference docs/measurements/gsm8k100_llama_shards0-1/results.jsonl.gz
+    python benchmarks/paired_table.py runs/frontier/results.shard{1,2}of4.jsonl --add runs/noisy/r0.25
 """
 
 from __future__ import annotations
@@ -25,16 +26,25 @@ def rows_of(path: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a run directory or a results .jsonl(.gz) file")
+    ap.add_argument("run", type=Path, nargs="+", help="a run directory or results .jsonl(.gz) files (merged)")
     ap.add_argument("--reference", type=Path, action="append", default=[], help="results of other runs")
+    ap.add_argument(
+        "--add",
+        type=Path,
+        action="append",
+        default=[],
+        help="another run on the same items with no greedy of its "
+        "own: its policies join this table as 'DIR: POLICY', paired with this run's greedy on their items",
+    )
     args = ap.parse_args()
-    files = sorted(args.run.glob("results.shard*of*.jsonl")) if args.run.is_dir() else [args.run]
     by: dict[str, dict[str, dict]] = {}
-    for f in files:
-        for r in rows_of(f):
-            by.setdefault(r["policy"], {})[r["item"]] = r
-    most = max(len(v) for v in by.values())  # a policy added later may have run on part of the items
-    full = [p for p, v in by.items() if len(v) == most]
+    for run, prefix in [(r, "") for r in args.run] + [(a, f"{a.name}: ") for a in args.add]:
+        for f in sorted(run.glob("results.shard*of*.jsonl")) if run.is_dir() else [run]:
+            for r in rows_of(f):
+                by.setdefault(prefix + r["policy"], {})[r["item"]] = r
+    own = [p for p in by if not any(p.startswith(f"{a.name}: ") for a in args.add)]
+    most = max(len(by[p]) for p in own)  # a policy added later may have run on part of the items
+    full = [p for p in own if len(by[p]) == most]
     common = sorted(set.intersection(*(set(by[p]) for p in full)))
     print(f"items every policy with {most} items finished: {len(common)}")
     greedy = by.get("greedy")
