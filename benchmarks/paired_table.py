@@ -38,11 +38,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     by: dict[str, dict[str, dict]] = {}
+    added: set[str] = set()  # labels from --add runs: paired on their own items, never setting the common ones
     for run, prefix in [(r, "") for r in args.run] + [(a, f"{a.name}: ") for a in args.add]:
         for f in sorted(run.glob("results.shard*of*.jsonl")) if run.is_dir() else [run]:
             for r in rows_of(f):
                 by.setdefault(prefix + r["policy"], {})[r["item"]] = r
-    own = [p for p in by if not any(p.startswith(f"{a.name}: ") for a in args.add)]
+                if prefix:
+                    added.add(prefix + r["policy"])
+    own = [p for p in by if p not in added]
     most = max(len(by[p]) for p in own)  # a policy added later may have run on part of the items
     full = [p for p in own if len(by[p]) == most]
     common = sorted(set.intersection(*(set(by[p]) for p in full)))
