@@ -12,20 +12,14 @@ hash of (seed, item, step), so results do not depend on batching. Other settings
 from __future__ import annotations
 
 import argparse
-import hashlib
 
 import torch
 
 from select2think.decoding.policy import Policy
 from select2think.decoding.selectors import LLMRestrictedArgmax, Selector
+from select2think.decoding.triggers import RandomTrigger
 from select2think.eval.report import write_report
 from select2think.eval.runner import EvalConfig, run_eval
-
-
-def coin(seed: int, key) -> float:
-    """A uniform number in [0, 1) fixed by (seed, key); key = (row seed, step) as decoding passes it."""
-    digest = hashlib.blake2b(repr((seed, key)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
 
 
 class Thinned(Selector):
@@ -35,11 +29,12 @@ class Thinned(Selector):
     needs_llm = True
 
     def __init__(self, inner: LLMRestrictedArgmax, rate: float, seed: int, break_rate: float = 0.0):
-        self.inner, self.rate, self.seed, self.break_rate = inner, rate, seed, break_rate
+        self.inner, self.rate, self.break_rate = inner, rate, break_rate
+        self.coin = RandomTrigger(seed)  # a uniform draw per (row key, step), the random trigger's
         self.name = f"s2t-thinned{rate:g}-break{break_rate:g}"
 
     def select(self, slm_logp, llm_logp=None, keys=None):
-        draw = torch.tensor([coin(self.seed, k) for k in keys], device=slm_logp.device)
+        draw = self.coin.statistic(slm_logp, keys=keys)
         top1 = slm_logp.argmax(-1)  # as SLMTop1 breaks ties
         second = slm_logp.scatter(-1, top1[:, None], float("-inf")).argmax(-1)
         llm = self.inner.select(slm_logp, llm_logp)
