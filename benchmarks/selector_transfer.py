@@ -47,7 +47,9 @@ def main() -> None:
     try:
         gates = [float(x) for x in args.gates.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--gates takes comma-separated numbers, not {args.gates!r}") from None
+        ap.error(f"--gates takes comma-separated numbers, not {args.gates!r}")
+    if any(not 0 <= g < float("inf") for g in gates):
+        ap.error(f"--gates must be numbers >= 0, not {args.gates!r}")
 
     cfg = TrainConfig(slm=args.slm, groups=args.groups, out="-", dtype=args.dtype, head_only=True)
     groups = load_groups(args.groups)
